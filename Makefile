@@ -1,0 +1,31 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test search bench lint clean
+
+# Idempotent: re-installs only when pyproject.toml changes.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collected no test: treat that as a failure.
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+search: setup
+	@echo "make search: the S3 search driver is not built yet (issue 4). Try: $(BIN)/s3 baseline dpm_solver_pp_2m --nfe 5"
+
+bench: setup
+	for b in benchmarks/*.py; do OMP_NUM_THREADS=1 $(BIN)/python $$b || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check s3_ray tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

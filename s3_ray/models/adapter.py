@@ -1,0 +1,67 @@
+"""Model adapters: any network output (eps, x0, v, score) -> eps(x, t) for one noise schedule.
+
+The adapter maps continuous time t to the network's own time label, converts the output to the
+noise prediction eps, derives nothing else (the sampler computes x0 = (x - sigma eps) / alpha), and
+counts calls so NFE accounting can be checked against reality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from s3_ray.usf.noise import NoiseSchedule
+
+OUTPUTS = ("eps", "x0", "v", "score")
+
+
+def time_label_fn(kind, noise: NoiseSchedule) -> Callable[[float], float]:
+    """Map t to the network's time input: ``t``, ``scale:K`` (K t, e.g. 999 or 1000), ``discrete``
+    (N t - 1: the training step of a discrete VP model), ``sigma`` (sigma_t / alpha_t, EDM), or a
+    callable."""
+    if callable(kind):
+        return kind
+    if kind == "t":
+        return lambda t: t
+    if isinstance(kind, str) and kind.startswith("scale:"):
+        k = float(kind.split(":", 1)[1])
+        return lambda t: k * t
+    if kind == "discrete":
+        if not hasattr(noise, "time_label"):
+            raise ValueError(f"time label 'discrete' needs a discrete VP noise schedule, not {noise.name}")
+        return lambda t: float(noise.time_label(t))
+    if kind == "sigma":
+        return lambda t: float(noise.sigma(t) / noise.alpha(t))
+    raise ValueError(f"unknown time label {kind!r} (t, scale:K, discrete, sigma, or a callable)")
+
+
+class ModelAdapter:
+    """eps(x, t) from ``net(x, labels)`` where labels is a [batch] tensor of time labels.
+
+    ``output``: what the network predicts (eps, x0, v, score). ``calls`` counts evaluations."""
+
+    def __init__(self, net: Callable, noise: NoiseSchedule, output: str = "eps", time_label="t",
+                 data_mean: torch.Tensor | None = None):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.net = net
+        self.noise = noise
+        self.output = output
+        self.label = time_label_fn(time_label, noise)
+        self.data_mean = data_mean
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        self.calls += 1
+        labels = torch.full((x.shape[0],), self.label(t), dtype=x.dtype, device=x.device)
+        out = self.net(x, labels)
+        if self.output == "eps":
+            return out
+        alpha, sigma = float(self.noise.alpha(t)), float(self.noise.sigma(t))
+        if self.output == "x0":
+            return (x - alpha * out) / sigma
+        if self.output == "v":
+            # v = alpha eps - sigma x0 and x = alpha x0 + sigma eps  =>  eps = (alpha v + sigma x) / (alpha^2 + sigma^2)
+            return (alpha * out + sigma * x) / (alpha**2 + sigma**2)
+        return -sigma * out  # score = -eps / sigma

@@ -1,0 +1,208 @@
+"""Baseline solvers as schedules: DDIM, DPM-Solver(++) multistep and singlestep, UniPC.
+
+Every builder returns a SolverSchedule; the sampler has one code path. Time grids come from
+``discretize`` (time-uniform, logSNR-uniform, time-quadratic, EDM rho).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .noise import NoiseSchedule
+from .schedule import Corrector, Derivative, Relaxation, SolverSchedule, Step
+
+DISCRETIZATIONS = ("time_uniform", "logsnr_uniform", "time_quadratic", "edm")
+MIDPOINT = Relaxation(kind="dpmsolver2")
+
+
+def discretize(noise: NoiseSchedule, n_steps: int, kind: str = "logsnr_uniform", t_end: float | None = None,
+               t_start: float | None = None, rho: float = 7.0) -> np.ndarray:
+    """n_steps + 1 decreasing times from t_start (default T) to t_end (default the schedule's)."""
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    T = noise.T if t_start is None else t_start
+    eps = noise.t_end_default if t_end is None else t_end
+    u = np.linspace(0.0, 1.0, n_steps + 1)
+    if kind == "time_uniform":
+        t = T + u * (eps - T)
+    elif kind == "time_quadratic":
+        t = (math.sqrt(T) + u * (math.sqrt(eps) - math.sqrt(T))) ** 2
+    elif kind == "logsnr_uniform":
+        lam0, lam1 = float(noise.lambda_(T)), float(noise.lambda_(eps))
+        t = noise.inverse_lambda(lam0 + u * (lam1 - lam0))
+    elif kind == "edm":
+        # Karras et al.: uniform in s^(1/rho) with s = sigma/alpha = e^-lambda.
+        s0, s1 = math.exp(-float(noise.lambda_(T))), math.exp(-float(noise.lambda_(eps)))
+        s = (s0 ** (1 / rho) + u * (s1 ** (1 / rho) - s0 ** (1 / rho))) ** rho
+        t = noise.inverse_lambda(-np.log(s))
+    else:
+        raise ValueError(f"unknown discretization {kind!r} (known: {', '.join(DISCRETIZATIONS)})")
+    t = np.asarray(t, dtype=np.float64)
+    t[0], t[-1] = T, eps  # exact end points (the inverse map may round)
+    return t
+
+
+def _ramp(n_steps: int, order: int, lower_order_final: bool) -> list[int]:
+    orders = [min(order, i + 1) for i in range(n_steps)]
+    if lower_order_final:
+        orders = [min(o, n_steps - i) for i, o in enumerate(orders)]
+    return orders
+
+
+def _points(order: int, offset: int = 0) -> tuple[int, ...]:
+    """Multistep history points {-2, ..., -order}, shifted by ``offset``."""
+    return tuple(range(-2 + offset, -order - 1 + offset, -1))
+
+
+def _dpm_multistep_step(t: float, order: int, prediction: str, d2_scale: float) -> Step:
+    """DPM-Solver(++) multistep step: order 2 is the midpoint 2M formula; order 3 uses the
+    two-point first and second derivative, the latter scaled by ``d2_scale`` (1/2 = published 3M)."""
+    if order == 1:
+        derivs = ()
+    elif order == 2:
+        derivs = (Derivative(points=(-2,), relaxation=MIDPOINT),)
+    else:
+        pts = _points(order)
+        derivs = tuple(
+            Derivative(points=pts, relaxation=Relaxation(scale=d2_scale) if n == 2 else Relaxation())
+            for n in range(1, order)
+        )
+    return Step(t=t, prediction=prediction, order=order, derivatives=derivs)
+
+
+def _unipc_step(t: float, order: int, prediction: str, variant: str, corrector: bool) -> Step:
+    pts = _points(order)
+    derivs = tuple(Derivative(points=pts) for _ in range(order - 1))
+    corr = None
+    if corrector:
+        cpts = tuple(sorted(set(_points(order, offset=-1)) | {-1}, reverse=True))
+        corr = Corrector(kind="pseudo", order=order + 1, combine=variant,
+                         derivatives=tuple(Derivative(points=cpts) for _ in range(order)))
+    return Step(t=t, prediction=prediction, order=order, derivatives=derivs, combine=variant, corrector=corr)
+
+
+def _n_steps(nfe: int, afs: str) -> int:
+    # NFE = [afs == none] + (M - 1) for schedules without a last-step corrector.
+    n = nfe if afs == "none" else nfe + 1
+    if n < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return n
+
+
+def _schedule(noise, times, steps, afs) -> SolverSchedule:
+    return SolverSchedule(noise_schedule=noise.name, t_start=float(times[0]), afs=afs, steps=tuple(steps))
+
+
+def ddim(noise, nfe, *, discretization="logsnr_uniform", t_end=None, afs="none", prediction="data", **_):
+    return dpm_solver_multistep(noise, nfe, order=1, prediction=prediction, discretization=discretization,
+                                t_end=t_end, afs=afs)
+
+
+def dpm_solver_multistep(noise: NoiseSchedule, nfe: int, *, order: int = 2, prediction: str = "data",
+                         discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
+                         lower_order_final: bool = False, exact_third_order: bool = False) -> SolverSchedule:
+    """DPM-Solver-kM (prediction='noise') / DPM-Solver++(kM) (prediction='data'), k = 1..3.
+
+    The published 3M is the third-order multistep with a factor 1/2 on the second derivative
+    (measured order ~2); ``exact_third_order`` drops the factor (order 3)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver multistep order must be 1, 2 or 3, got {order}")
+    n = _n_steps(nfe, afs)
+    times = discretize(noise, n, discretization, t_end)
+    d2 = 1.0 if exact_third_order else 0.5
+    steps = [_dpm_multistep_step(float(times[i + 1]), o, prediction, d2)
+             for i, o in enumerate(_ramp(n, order, lower_order_final))]
+    return _schedule(noise, times, steps, afs)
+
+
+def unipc(noise: NoiseSchedule, nfe: int, *, order: int = 2, variant: str = "bh2", prediction: str = "data",
+          discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
+          lower_order_final: bool = False) -> SolverSchedule:
+    """UniPC-k: order-k UniP predictor + UniC corrector (B(h) = h for bh1, e^h - 1 for bh2) on every
+    step but the last."""
+    if order not in (1, 2, 3, 4) or variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC needs order 1..4 and variant bh1/bh2, got {order}, {variant!r}")
+    n = _n_steps(nfe, afs)
+    times = discretize(noise, n, discretization, t_end)
+    orders = _ramp(n, order, lower_order_final)
+    steps = [_unipc_step(float(times[i + 1]), o, prediction, variant, corrector=i < n - 1) for i, o in enumerate(orders)]
+    return _schedule(noise, times, steps, afs)
+
+
+def _singlestep_orders(nfe: int, order: int, lower_order_final: bool) -> list[int]:
+    """Macro-step orders summing to nfe: ``order`` throughout plus a final remainder, or with
+    ``lower_order_final`` DPM-Solver's 'fast' plan (third order ends with 2, 1)."""
+    if order == 1:
+        return [1] * nfe
+    if order == 2 or not lower_order_final:
+        return [order] * (nfe // order) + ([nfe % order] if nfe % order else [])
+    k = nfe // 3 + 1
+    if nfe % 3 == 0:
+        return [3] * (k - 2) + [2, 1]
+    if nfe % 3 == 1:
+        return [3] * (k - 1) + [1]
+    return [3] * (k - 1) + [2]
+
+
+def dpm_solver_singlestep(noise: NoiseSchedule, nfe: int, *, order: int = 3, prediction: str = "noise",
+                          discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
+                          lower_order_final: bool = False) -> SolverSchedule:
+    """Singlestep DPM-Solver-2/3 (noise) or DPM-Solver++(2S/3S) (data): each macro step of order k
+    inserts k - 1 intermediate times (lambda fractions 1/2, or 1/3 and 2/3) and expands from its
+    start point (start = -k). The macro grid follows ``discretization``."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"singlestep order must be 1, 2 or 3, got {order}")
+    budget = nfe if afs == "none" else nfe + 1
+    macro = _singlestep_orders(budget, order, lower_order_final)
+    grid = discretize(noise, len(macro), discretization, t_end)
+    lam = noise.lambda_(grid)
+    steps = []
+    for k, o in enumerate(macro):
+        la, lb = float(lam[k]), float(lam[k + 1])
+        at = lambda r: float(noise.inverse_lambda(la + r * (lb - la)))  # noqa: E731
+        if o == 1:
+            steps.append(Step(t=float(grid[k + 1]), prediction=prediction, order=1))
+        elif o == 2:
+            steps.append(Step(t=at(0.5), prediction=prediction, order=1))
+            steps.append(Step(t=float(grid[k + 1]), prediction=prediction, order=2, start=-2,
+                              derivatives=(Derivative(points=(-1,), relaxation=MIDPOINT),)))
+        else:
+            steps.append(Step(t=at(1 / 3), prediction=prediction, order=1))
+            steps.append(Step(t=at(2 / 3), prediction=prediction, order=2, start=-2,
+                              derivatives=(Derivative(points=(-1,)),)))
+            steps.append(Step(t=float(grid[k + 1]), prediction=prediction, order=2, start=-3,
+                              derivatives=(Derivative(points=(-1,)),)))
+    return _schedule(noise, grid, steps, afs)
+
+
+# name -> (builder, fixed keyword arguments). Options (nfe, order, discretization, t_end, afs,
+# lower_order_final, prediction) are passed through.
+BASELINES = {
+    "ddim": (ddim, {}),
+    "dpm_solver_2m": (dpm_solver_multistep, {"order": 2, "prediction": "noise"}),
+    "dpm_solver_3m": (dpm_solver_multistep, {"order": 3, "prediction": "noise"}),
+    "dpm_solver_3m_exact": (dpm_solver_multistep, {"order": 3, "prediction": "noise", "exact_third_order": True}),
+    "dpm_solver_pp_2m": (dpm_solver_multistep, {"order": 2, "prediction": "data"}),
+    "dpm_solver_pp_3m": (dpm_solver_multistep, {"order": 3, "prediction": "data"}),
+    "dpm_solver_pp_3m_exact": (dpm_solver_multistep, {"order": 3, "prediction": "data", "exact_third_order": True}),
+    "dpm_solver_2s": (dpm_solver_singlestep, {"order": 2, "prediction": "noise"}),
+    "dpm_solver_3s": (dpm_solver_singlestep, {"order": 3, "prediction": "noise"}),
+    "dpm_solver_pp_2s": (dpm_solver_singlestep, {"order": 2, "prediction": "data"}),
+    "dpm_solver_pp_3s": (dpm_solver_singlestep, {"order": 3, "prediction": "data"}),
+    "unipc_bh1": (unipc, {"variant": "bh1", "order": 2}),
+    "unipc_bh2": (unipc, {"variant": "bh2", "order": 2}),
+    "unipc_bh1_3": (unipc, {"variant": "bh1", "order": 3}),
+    "unipc_bh2_3": (unipc, {"variant": "bh2", "order": 3}),
+}
+
+
+def build_baseline(name: str, noise: NoiseSchedule, nfe: int, **options) -> SolverSchedule:
+    """Build baseline ``name`` (see BASELINES) at ``nfe``; ``options`` override its defaults."""
+    try:
+        fn, fixed = BASELINES[name]
+    except KeyError:
+        raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})") from None
+    kwargs = {**fixed, **{k: v for k, v in options.items() if v is not None}}
+    return fn(noise, nfe, **kwargs)

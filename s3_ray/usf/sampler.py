@@ -1,0 +1,263 @@
+"""The unified sampler: one code path for every SolverSchedule (USF spec section 3).
+
+All scalar work (phi-functions, derivative weights, relaxations, UniPC B(h) weights) is done once
+per (schedule, noise schedule) in float64 and folded into plain linear combinations:
+
+    x_t = a * x_start + sum_j b_j * F_j,   F_j = eps_j (noise prediction) or x0_j (data prediction)
+
+so running a schedule costs one fused multiply-add per history term and step, in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .noise import NoiseSchedule
+from .schedule import Corrector, Derivative, Relaxation, ScheduleError, SolverSchedule
+
+EpsModel = Callable[[torch.Tensor, float], torch.Tensor]  # (x, t) -> eps prediction
+
+# ---------------------------------------------------------------------------------------------
+# scalar math (float64)
+
+
+def phi(k: int, z: float) -> float:
+    """phi_k(z): phi_0 = e^z, phi_k(z) = (phi_{k-1}(z) - 1/(k-1)!) / z; series for small |z|."""
+    if k == 0:
+        return math.exp(z)
+    if abs(z) < 1.0:
+        # phi_k(z) = sum_j z^j / (j + k)!; 30 terms reach double precision for |z| < 1.
+        term, total = 1.0 / math.factorial(k), 0.0
+        for j in range(30):
+            total += term
+            term *= z / (j + k + 1)
+        return total
+    val = math.expm1(z) / z  # phi_1
+    for m in range(2, k + 1):
+        val = (val - 1.0 / math.factorial(m - 1)) / z
+    return val
+
+
+def relaxation_factor(r: Relaxation, h_tilde: float) -> float:
+    """The factor R(h~) of a Relaxation (see schedule.Relaxation)."""
+    if r.kind == "linear":
+        return r.scale + r.slope * h_tilde
+    em1 = math.expm1(h_tilde)
+    denom = h_tilde * h_tilde * phi(2, h_tilde)  # e^h~ - 1 - h~ without cancellation
+    if r.kind in ("dpmsolver2", "unipc_bh2"):
+        return 0.5 * h_tilde * em1 / denom
+    if r.kind == "unipc_bh1":
+        return 0.5 * h_tilde * h_tilde / denom
+    raise ValueError(f"unknown relaxation {r.kind!r}")
+
+
+def derivative_weights(deltas: np.ndarray, d: int) -> np.ndarray:
+    """Weights a with F^(d)(lambda_s) ~= sum_m a_m (F_m - F_s), for points at lambda_s + deltas.
+
+    Solves M a = e_d with M_km = deltas_m^k / k!, k = 1..K: the d-th derivative of the degree-K
+    interpolating polynomial through the start point and the K points."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    K = len(deltas)
+    k = np.arange(1, K + 1, dtype=np.float64)[:, None]
+    fact = np.array([math.factorial(int(i)) for i in k[:, 0]], dtype=np.float64)[:, None]
+    M = deltas[None, :] ** k / fact
+    e = np.zeros(K)
+    e[d - 1] = 1.0
+    return np.linalg.solve(M, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: per-step linear combinations
+
+
+@dataclass(frozen=True)
+class Update:
+    """x_new = a * x[start] + sum(b * F[j]) over (j, b) in terms; F = eps or x0 by ``use_x0``.
+    Indices are absolute history positions."""
+
+    start: int
+    a: float
+    use_x0: bool
+    terms: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    t: float
+    predictor: Update
+    corrector: Update | None
+    implicit: bool
+    evaluate: bool  # evaluate the model at the end of this step (needed by later steps / corrector)
+    release: tuple[int, ...] = ()  # history entries no later update reads: freed after this step
+
+
+def _update(pred: str, order: int, derivs: tuple[Derivative, ...], combine: str, start: int,
+            n_hist: int, target: int, lams, alphas, sigmas) -> Update:
+    """Coefficients of one predictor/corrector update to time index ``target``, starting from
+    relative history index ``start`` among the ``n_hist`` oldest entries (absolute indices)."""
+    s = n_hist + start  # absolute index of the start point
+    lam_s = lams[s]
+    h = lams[target] - lam_s
+    alpha_t, sigma_t = alphas[target], sigmas[target]
+    coef: dict[int, float] = {}
+
+    def add(j: int, v: float):
+        coef[j] = coef.get(j, 0.0) + v
+
+    if pred == "data":
+        h_tilde, c_t = -h, alpha_t
+    else:
+        h_tilde, c_t = h, -sigma_t
+    # Taylor coefficient of the n-th lambda-derivative: data: +alpha_t h^{n+1} phi_{n+1}(-h);
+    # noise: -sigma_t h^{n+1} phi_{n+1}(h). Both are c_t * h^{n+1} * phi_{n+1}(h~).
+    taylor = [c_t * h ** (n + 1) * phi(n + 1, h_tilde) for n in range(order)]
+    add(s, taylor[0])
+
+    if combine == "taylor":
+        for n, d in enumerate(derivs, start=1):
+            idx = [n_hist + p for p in d.points]
+            deltas = np.array([lams[j] - lam_s for j in idx])
+            w = derivative_weights(deltas, n)
+            scale = taylor[n] * relaxation_factor(d.relaxation, h_tilde)
+            for j, wj in zip(idx, w):
+                add(j, scale * wj)
+            add(s, -scale * float(w.sum()))
+    elif derivs:
+        # UniPC: x_t = base - c B(h~) sum_m rho_m (F_m - F_s) / r_m, c = alpha_t (data) or sigma_t
+        # (noise), r_m = (lambda_m - lambda_s) / h, rho solving R rho = b with R_km = r_m^(k-1),
+        # b_k = k! h~ phi_{k+1}(h~) / B(h~), k = 1..K; with one point rho = 1/2 (as UniPC does).
+        idx = [n_hist + p for p in derivs[0].points]
+        r = np.array([(lams[j] - lam_s) / h for j in idx])
+        K = len(idx)
+        B = h_tilde if combine == "bh1" else math.expm1(h_tilde)
+        if K == 1:
+            rho = np.array([0.5])
+        else:
+            R = r[None, :] ** np.arange(K, dtype=np.float64)[:, None]
+            b = np.array([math.factorial(k) * h_tilde * phi(k + 1, h_tilde) / B for k in range(1, K + 1)])
+            rho = np.linalg.solve(R, b)
+        # -c equals c_t * h / h~ for both prediction types (taylor[0] = -c expm1(h~)).
+        sign_c = c_t * (h / h_tilde)
+        for j, rj, rhoj in zip(idx, r, rho):
+            v = sign_c * B * rhoj / rj
+            add(j, v)
+            add(s, -v)
+    a = sigma_t / sigmas[s] if pred == "data" else alpha_t / alphas[s]
+    terms = tuple((j, float(b)) for j, b in sorted(coef.items()))
+    return Update(start=s, a=float(a), use_x0=(pred == "data"), terms=terms)
+
+
+class SamplerPlan:
+    """A schedule compiled against a noise schedule: per-step coefficients, ready to run."""
+
+    def __init__(self, schedule: SolverSchedule, noise: NoiseSchedule):
+        if schedule.noise_schedule != noise.name:
+            raise ScheduleError(
+                f"noise_schedule: the schedule is for {schedule.noise_schedule!r}, the model uses {noise.name!r}"
+            )
+        self.schedule = schedule
+        self.noise = noise
+        times = schedule.times
+        lam = [float(v) for v in noise.lambda_(np.array(times))]
+        for i in range(len(schedule.steps)):
+            if not lam[i + 1] > lam[i]:
+                raise ScheduleError(f"steps[{i}].t: logSNR does not increase from t={times[i]!r} to t={times[i + 1]!r} under {noise.name}")
+        if not all(math.isfinite(v) for v in lam):
+            raise ScheduleError(f"t_start/steps: a time is outside the range of {noise.name}")
+        self.times = times
+        self.lambdas = lam
+        self.alphas = [float(v) for v in noise.alpha(np.array(times))]
+        self.sigmas = [float(v) for v in noise.sigma(np.array(times))]
+        last = len(schedule.steps) - 1
+        steps = []
+        coeffs = (self.lambdas, self.alphas, self.sigmas)
+        for i, st in enumerate(schedule.steps):
+            # Before step i the history holds entries 0..i; its corrector also sees entry i + 1.
+            pred = _update(st.prediction, st.order, st.derivatives, st.combine, st.start, i + 1, i + 1, *coeffs)
+            corr, implicit = None, False
+            if st.corrector is not None:
+                c: Corrector = st.corrector
+                corr = _update(st.prediction, c.order, c.derivatives, c.combine, st.start - 1, i + 2, i + 1, *coeffs)
+                implicit = c.kind == "implicit"
+            steps.append(PlannedStep(t=st.t, predictor=pred, corrector=corr, implicit=implicit,
+                                     evaluate=(i < last) or st.corrector is not None))
+        # Free history entries after their last use, so long schedules and big batches keep only
+        # the few tensors they still need (and the allocator recycles memory).
+        last_use = {}
+        for i, ps in enumerate(steps):
+            for u in (ps.predictor, ps.corrector):
+                if u is not None:
+                    for j in (u.start, *(j for j, _ in u.terms)):
+                        last_use[j] = i
+        self.steps = tuple(
+            PlannedStep(ps.t, ps.predictor, ps.corrector, ps.implicit, ps.evaluate,
+                        tuple(j for j, last in last_use.items() if last == i))
+            for i, ps in enumerate(steps))
+        updates = [u for ps in steps for u in (ps.predictor, ps.corrector) if u is not None]
+        self.needs_x0 = any(u.use_x0 for u in updates)
+
+    def nfe(self) -> int:
+        return self.schedule.nfe()
+
+    def run(self, model: EpsModel, x_T: torch.Tensor, data_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Solve from x_T at t_start to the schedule's last time. ``model(x, t)`` returns eps."""
+        sched = self.schedule
+        a0, s0 = self.alphas[0], self.sigmas[0]
+        xs: list[torch.Tensor] = [x_T]
+        if sched.afs == "none":
+            eps = model(x_T, self.times[0])
+            x0 = self._x0(x_T, eps, 0)
+        elif sched.afs == "zero_x0":
+            eps = x_T / s0
+            x0 = torch.zeros_like(x_T)
+        else:
+            if data_mean is None:
+                raise ValueError("afs='mean_x0' needs the data mean (pass data_mean)")
+            x0 = data_mean.to(x_T).expand_as(x_T)
+            eps = (x_T - a0 * x0) / s0
+        epss, x0s = [eps], [x0]
+        x = x_T
+        for i, ps in enumerate(self.steps):
+            j = i + 1  # history index of the new entry
+            x = _apply(ps.predictor, xs, epss, x0s)
+            if not ps.evaluate:
+                break
+            eps = model(x, ps.t)
+            xs.append(x)
+            epss.append(eps)
+            x0s.append(self._x0(x, eps, j))
+            if ps.corrector is not None:
+                x = _apply(ps.corrector, xs, epss, x0s)
+                xs[j] = x
+                if ps.implicit:
+                    eps = model(x, ps.t)
+                    epss[j] = eps
+                    x0s[j] = self._x0(x, eps, j)
+            for k in ps.release:
+                xs[k] = epss[k] = x0s[k] = None
+        return x
+
+    def _x0(self, x: torch.Tensor, eps: torch.Tensor, j: int) -> torch.Tensor | None:
+        """x0 = (x - sigma eps) / alpha at history entry j (skipped when no update uses it)."""
+        if not self.needs_x0:
+            return None
+        return torch.add(x, eps, alpha=-self.sigmas[j]).mul_(1.0 / self.alphas[j])
+
+
+def _apply(u: Update, xs, epss, x0s) -> torch.Tensor:
+    F = x0s if u.use_x0 else epss
+    out = torch.mul(xs[u.start], u.a)  # a fresh tensor: safe to accumulate in place
+    for j, b in u.terms:
+        out.add_(F[j], alpha=b)
+    return out
+
+
+def sample(schedule: SolverSchedule, model: EpsModel, noise: NoiseSchedule, x_T: torch.Tensor,
+           data_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience: compile ``schedule`` against ``noise`` and run it from ``x_T``."""
+    return SamplerPlan(schedule, noise).run(model, x_T, data_mean)
