@@ -91,6 +91,75 @@ def _relax(r) -> str:
     return r.kind if r.kind != "linear" else f"{r.scale:g}{r.slope:+g}h"
 
 
+# ---- evaluation on the embedded model -----------------------------------------------------------
+
+def _target(reference: str = "data", kind: str = "fid"):
+    from s3_ray.config import MetricConfig, ModelConfig
+    from s3_ray.metrics.evaluate import get_target
+
+    return get_target(ModelConfig().model_dump_json(), MetricConfig(reference=reference, kind=kind).model_dump_json())
+
+
+def cmd_evaluate(a):
+    import torch
+
+    from s3_ray.metrics.evaluate import evaluate
+    from s3_ray.usf.schedule import load_schedule
+
+    torch.set_num_threads(1)
+    s = load_schedule(a.schedule)
+    r = evaluate(s, _target(a.reference), n=a.samples, seed=a.seed)
+    flag = "  FAILED (NaN/Inf samples: worst score)" if r["failed"] else ""
+    print(f"{a.schedule}: NFE {r['nfe']}  FID {r['fid']:.3f}  KID {r['kid']:.5f} ± {r['kid_std']:.5f}  "
+          f"({a.samples} samples, seed {a.seed}, {a.reference} reference, {r['seconds']:.2f} s){flag}")
+
+
+def cmd_baselines(a):
+    from s3_ray.metrics.baseline_table import baseline_table
+
+    nfes = [int(v) for v in a.nfe.split(",")]
+    baseline_table(nfes, samples=a.samples, seeds=a.seeds, out_dir=a.out_dir)
+
+
+def cmd_sample(a):
+    import torch
+
+    from s3_ray.metrics.fid import uint8_images
+    from s3_ray.tracking.plots import image_grid
+    from s3_ray.usf.schedule import load_schedule
+
+    torch.set_num_threads(1)
+    s = load_schedule(a.schedule)
+    x = _target().sample(s, a.n, a.seed)
+    if not torch.isfinite(x).all():
+        raise UsageError(f"{a.schedule}: the schedule produced NaN/Inf samples")
+    image_grid(uint8_images(x), a.out, ncol=a.ncol)
+    print(f"{a.n} samples (NFE {s.nfe()}) -> {a.out}")
+
+
+def cmd_train_model(a):
+    from s3_ray.models.train import main as train_main
+
+    argv = [a.what, "--out", a.out] + (["--steps", str(a.steps)] if a.steps else [])
+    if train_main(argv) != 0:
+        raise UsageError("training failed")
+
+
+# ---- search ---------------------------------------------------------------------------------------
+
+def cmd_search(a):
+    from s3_ray.config import load_config
+    from s3_ray.search.driver import run_search
+
+    cfg = load_config(a.space)
+    if a.budget:
+        cfg = cfg.model_copy(update={"budget": a.budget})
+    if a.name:
+        cfg = cfg.model_copy(update={"name": a.name})
+    run_search(cfg, address=a.address, mlflow_uri=a.mlflow_uri, algo=a.algo, resume=a.resume, fresh=a.fresh,
+               runs_root=a.runs)
+
+
 # ---- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,14 +194,64 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--noise-schedule", help="required for a file: edm, vp_linear, vp_discrete, ...")
     i.add_argument("--out", default="-")
     i.set_defaults(fn=cmd_import_usf)
+
+    e = sub.add_parser("evaluate", help="FID/KID of a schedule on the embedded digits model")
+    e.add_argument("--schedule", required=True)
+    e.add_argument("--samples", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--reference", choices=("data", "model"), default="data")
+    e.set_defaults(fn=cmd_evaluate)
+
+    bt = sub.add_parser("baselines", help="table of every baseline x discretisation on the embedded model")
+    bt.add_argument("--nfe", default="3,4,5,6,8,10")
+    bt.add_argument("--samples", type=int, default=1000)
+    bt.add_argument("--seeds", type=int, default=2)
+    bt.add_argument("--out-dir", default="benchmarks/results")
+    bt.set_defaults(fn=cmd_baselines)
+
+    sm = sub.add_parser("sample", help="an image grid of a schedule's samples (embedded model)")
+    sm.add_argument("--schedule", required=True)
+    sm.add_argument("--out", required=True)
+    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("--ncol", type=int, default=16)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(fn=cmd_sample)
+
+    tm = sub.add_parser("train-model", help="train the embedded digits diffusion model or feature classifier")
+    tm.add_argument("what", choices=("diffusion", "classifier"))
+    tm.add_argument("--out", required=True)
+    tm.add_argument("--steps", type=int)
+    tm.set_defaults(fn=cmd_train_model)
+
+    se = sub.add_parser("search", help="run an S3 search (Ray Tune + MLflow)")
+    se.add_argument("--space", default="search_spaces/digits.yaml")
+    se.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    se.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite file in the run directory)")
+    se.add_argument("--budget", type=int, help="override the space's number of true evaluations")
+    se.add_argument("--algo", choices=("s3", "evolution", "random"), default="s3")
+    se.add_argument("--name", help="override the run name (runs/<name>/)")
+    se.add_argument("--runs", default="runs", help="root directory of run directories")
+    g = se.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the search in runs/<name>/")
+    g.add_argument("--fresh", action="store_true", help="delete runs/<name>/ and start over")
+    se.set_defaults(fn=cmd_search)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from s3_ray.config import ConfigError
+
     try:
         args.fn(args)
-    except (ScheduleError, UsageError, ValueError) as e:
+    except (ScheduleError, UsageError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from s3_ray.search.driver import SearchError
+
+        if not isinstance(e, SearchError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

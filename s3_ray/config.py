@@ -1,0 +1,221 @@
+"""Search-space configuration (search_spaces/*.yaml), validated by pydantic.
+
+Errors name the field (``operators.order_probs: ...``). Defaults are the public release's values
+(USF spec section 4.2) where the spec gives one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A malformed configuration; the message names the field."""
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_probs(v: dict, what: str) -> dict:
+    if not v or any(p < 0 or not math.isfinite(p) for p in v.values()) or sum(v.values()) <= 0:
+        raise ValueError(f"{what} must be non-negative and not all zero")
+    return v
+
+
+class OperatorConfig(_Cfg):
+    """Evolutionary operators (spec 4.2)."""
+
+    top_k: int = Field(default=15, ge=1, description="parents are drawn uniformly from the top-k at the target NFE")
+    crossover_prob: float = Field(default=0.3, ge=0, le=1)
+    deep_crossover_prob: float = Field(default=0.5, ge=0, le=1)
+    step_mutation_prob: float = Field(default=0.3, ge=0, le=1, description="per step, for each mutation kind")
+    timestep_sigma: float = Field(default=0.08, ge=0, description="relative log-normal move of the step size in lambda")
+    order_probs: dict[int, float] = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
+    first_derivative_points: tuple[int, ...] = (1, 2)
+    relaxation_sd: float = Field(default=0.03, ge=0)
+    corrector_probs: dict[str, float] = {"none": 0.5, "pseudo": 0.5}
+    afs_prob: float = Field(default=0.3, ge=0, le=1)
+    add_step_prob: float = Field(default=0.2, ge=0, le=1)
+    delete_step_prob: float = Field(default=0.2, ge=0, le=1)
+
+    @field_validator("order_probs")
+    @classmethod
+    def _orders(cls, v):
+        if any(k not in (1, 2, 3, 4) for k in v):
+            raise ValueError(f"orders must be 1..4, got {sorted(v)}")
+        return _check_probs(v, "order probabilities")
+
+    @field_validator("corrector_probs")
+    @classmethod
+    def _correctors(cls, v):
+        if any(k not in ("none", "pseudo", "implicit") for k in v):
+            raise ValueError(f"correctors are none, pseudo, implicit; got {sorted(v)}")
+        return _check_probs(v, "corrector probabilities")
+
+    @field_validator("first_derivative_points")
+    @classmethod
+    def _k1(cls, v):
+        if not v or any(k < 1 or k > 3 for k in v):
+            raise ValueError("first-derivative point counts must be in 1..3")
+        return v
+
+
+class DecisionSpace(_Cfg):
+    """Which decisions the search may take."""
+
+    predictions: tuple[Literal["noise", "data"], ...] = ("noise", "data")
+    max_order: int = Field(default=3, ge=1, le=4)
+    correctors: tuple[Literal["none", "pseudo", "implicit"], ...] = ("none", "pseudo")
+    afs: tuple[Literal["none", "zero_x0", "mean_x0"], ...] = ("none", "zero_x0", "mean_x0")
+    t_end_range: tuple[float, float] | None = Field(default=None, description="final time range; default: the noise schedule's t_end")
+    min_dlambda: float = Field(default=0.05, gt=0, description="smallest step in logSNR")
+    max_steps: int = Field(default=12, ge=1, le=64)
+
+    @field_validator("predictions", "correctors", "afs")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("must allow at least one value")
+        return v
+
+    @field_validator("t_end_range")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not (0 < v[0] <= v[1]):
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+
+class ModelConfig(_Cfg):
+    """The diffusion model under search. ``digits`` is the embedded default; ``checkpoint`` loads a
+    user network (safetensors) through a model adapter."""
+
+    kind: Literal["digits", "checkpoint", "gmm"] = "digits"
+    noise_schedule: str = "vp_linear"
+    checkpoint: str | None = None
+    output: Literal["eps", "x0", "v", "score"] = "eps"
+    time_label: str = "t"
+    image_shape: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _ckpt(self):
+        if self.kind == "checkpoint" and not self.checkpoint:
+            raise ValueError("checkpoint: required when kind is 'checkpoint'")
+        return self
+
+
+class MetricConfig(_Cfg):
+    """How a schedule is scored. ``samples`` is per stage (later stages use more)."""
+
+    kind: Literal["fid", "rmse"] = "fid"
+    reference: Literal["data", "model"] = "data"
+    samples: tuple[int, ...] = (1000,)
+    final_samples: int = Field(default=2000, ge=2)
+    final_seeds: int = Field(default=2, ge=1, description="fresh seeds for the final re-evaluation")
+    feature_extractor: str = "s3-digits"
+    feature_extractor_weights_path: str | None = None
+    worst_score: float = Field(default=1e4, gt=0, description="score of a schedule that produced NaN/Inf")
+
+    @field_validator("samples")
+    @classmethod
+    def _samples(cls, v):
+        if not v or any(n < 2 for n in v):
+            raise ValueError("each stage needs at least 2 samples")
+        return v
+
+    @model_validator(mode="after")
+    def _inception(self):
+        if self.feature_extractor.startswith("inception") and not self.feature_extractor_weights_path:
+            raise ValueError("feature_extractor_weights_path: required for Inception (no downloads at run time)")
+        return self
+
+
+class PredictorConfig(_Cfg):
+    hidden: tuple[int, ...] = (64, 64)
+    epochs: int = Field(default=300, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    candidates: int = Field(default=400, ge=1, description="evolutionary mutants scored by the predictor per stage")
+    max_steps: int = Field(default=16, ge=1, description="encoding pads schedules to this many steps")
+
+
+class ResourcesConfig(_Cfg):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+
+class SearchConfig(_Cfg):
+    """A whole search: search_spaces/*.yaml."""
+
+    name: str = Field(default="search", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = ModelConfig()
+    metric: MetricConfig = MetricConfig()
+    nfe: tuple[int, ...] = Field(default=(5,), description="NFE values searched jointly")
+    budget: int = Field(default=100, ge=1, description="true evaluations in total")
+    stages: int = Field(default=3, ge=1)
+    random_init: int = Field(default=10, ge=0, description="random schedules per NFE before the first stage")
+    operators: OperatorConfig = OperatorConfig()
+    decisions: DecisionSpace = DecisionSpace()
+    predictor: PredictorConfig = PredictorConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    concurrency: int = Field(default=2, ge=1)
+    seed: int = 0
+    final_top_k: int = Field(default=3, ge=1, description="schedules per NFE re-evaluated at the end")
+    seed_schedules: tuple[str, ...] = Field(default=(), description="schedule JSON files evaluated first (source 'user')")
+    baselines: tuple[str, ...] = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s")
+    discretizations: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "time_quadratic", "edm")
+
+    @field_validator("nfe")
+    @classmethod
+    def _nfe(cls, v):
+        if not v or any(n < 1 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"distinct positive NFE values required, got {list(v)}")
+        return tuple(sorted(v))
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v):
+        from s3_ray.usf.baselines import BASELINES
+
+        bad = [b for b in v if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad} (known: {', '.join(BASELINES)})")
+        return v
+
+    @field_validator("discretizations")
+    @classmethod
+    def _disc(cls, v):
+        from s3_ray.usf.baselines import DISCRETIZATIONS
+
+        bad = [d for d in v if d not in DISCRETIZATIONS]
+        if bad:
+            raise ValueError(f"unknown discretization(s) {bad} (known: {', '.join(DISCRETIZATIONS)})")
+        return v
+
+
+def load_config(path) -> SearchConfig:
+    """Read and validate a search-space YAML; ConfigError names the file and field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_config(data or {}, str(path))
+
+
+def parse_config(data, source: str = "config") -> SearchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a search space is a mapping")
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as e:
+        from s3_ray.usf.schedule import format_validation_error
+
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None

@@ -1,0 +1,246 @@
+"""The search driver: Ray Tune + S3Searcher + MLflow, then the final re-evaluation and export.
+
+Layout of a run directory ``runs/<name>/``: ``tune/`` (Tune's experiment state, resumable),
+``mlflow.db`` + ``mlartifacts/`` (the default tracking store), ``best/nfe<k>.json``, ``summary.md``,
+``summary.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from s3_ray.config import SearchConfig
+from s3_ray.usf.baselines import build_baseline
+from s3_ray.usf.noise import get_noise_schedule
+from s3_ray.usf.schedule import SolverSchedule
+
+TUNE_NAME = "tune"
+
+
+class SearchError(RuntimeError):
+    """A search cannot start or continue; the message says what to run next."""
+
+
+def prepare_ray_env(run_dir: Path, local: bool) -> None:
+    """Environment for Ray: a short per-run temp dir, no usage stats, loopback-only when local."""
+    short = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/s3r-{short}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every port on 127.0.0.1 (measured)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def init_ray(address: str | None, run_dir: Path):
+    import ray
+
+    prepare_ray_env(run_dir, local=address is None)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def _trial_records(results) -> list[tuple[str, dict, dict]]:
+    """(trial key, config, metrics) of every trial that reported."""
+    return [(r.config["trial_key"], r.config, r.metrics) for r in results if r.metrics and "score" in r.metrics]
+
+
+def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str | None = None, algo: str = "s3",
+               resume: bool = False, fresh: bool = False, runs_root: str | Path = "runs", out=sys.stdout) -> dict:
+    """Run (or resume) a search; returns the summary dict."""
+    from ray import tune
+
+    from s3_ray.search.searcher import S3Searcher
+    from s3_ray.search.trial import trainable
+    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker
+
+    run_dir = (Path(runs_root) / cfg.name).resolve()
+    tune_dir = run_dir / TUNE_NAME
+    if resume:
+        if not tune.Tuner.can_restore(str(tune_dir)):
+            raise SearchError(f"nothing to resume in {tune_dir}: start it with `s3 search --space ...` (without --resume)")
+        cfg = SearchConfig.model_validate_json((run_dir / "config.json").read_text())
+    elif tune_dir.exists():
+        if not fresh:
+            raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+
+    uri = mlflow_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+    artifacts = None if mlflow_uri else (run_dir / "mlartifacts").as_uri()
+    tracker = Tracker(uri, cfg.name, artifacts)
+    parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo)
+
+    init_ray(address, run_dir)
+    # Snapshot Tune's experiment state every second (default: >= 10 s), so a killed driver re-runs
+    # at most the trials of the last second (answered from the result cache, logged once).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    started = time.time()
+    resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    fn = tune.with_resources(trainable, resources)
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=fn, resume_errored=True)
+    else:
+        searcher = S3Searcher(cfg, algo=algo)
+        searcher.trial_settings = {"cache_dir": str(run_dir / "results-cache")}
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=cfg.concurrency,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(run_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=2),
+                                      callbacks=[MlflowTrialCallback(uri, cfg.name, artifacts)]),
+        )
+    results = tuner.fit()
+    records = _trial_records(results)
+    added = _sync(tracker, records, out)
+    print(f"search: {len(records)} trials in {time.time() - started:.0f} s ({added} synced to MLflow at the end)", file=out)
+
+    summary = finalize(cfg, records, run_dir, tracker, parent_id, out)
+    summary["search_seconds"] = time.time() - started
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nbrowse: mlflow ui --backend-store-uri {uri}" if not mlflow_uri else f"\nbrowse: {mlflow_uri}", file=out)
+    return summary
+
+
+def _sync(tracker, records, out) -> int:
+    try:
+        return tracker.sync_trials(records)
+    except Exception as e:  # the server may still be down: the records stay in runs/<name>/tune
+        print(f"warning: MLflow sync failed ({e}); rerun `s3 search --resume` when the server is back", file=out)
+        return 0
+
+
+# ---- final re-evaluation ------------------------------------------------------------------------
+
+def _final_eval_task(schedule_json: str, model_json: str, metric_json: str, n: int, seed: int) -> dict:
+    import torch
+
+    from s3_ray.metrics.evaluate import evaluate, get_target
+
+    torch.set_num_threads(1)
+    target = get_target(model_json, metric_json)
+    return evaluate(SolverSchedule.from_json(schedule_json), target, n=n, seed=seed)
+
+
+def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out) -> dict:
+    """Re-evaluate the top-k searched schedules and every baseline per NFE with more samples on fresh
+    seeds; export the best schedule per NFE; write summary.md; log the parent run."""
+    import ray
+
+    noise = get_noise_schedule(cfg.model.noise_schedule)
+    by_nfe = defaultdict(list)
+    for _, c, r in records:
+        if c["source"] != "baseline" and not r.get("failed"):
+            by_nfe[c["nfe"]].append((r["score"], c["schedule"]))
+    candidates = []  # (nfe, kind, label, schedule_json)
+    for nfe in cfg.nfe:
+        for _, sj in sorted(by_nfe[nfe])[: cfg.final_top_k]:
+            candidates.append((nfe, "searched", SolverSchedule.from_json(sj).schedule_hash()[:10], sj))
+        for name in cfg.baselines:
+            for disc in cfg.discretizations:
+                s = build_baseline(name, noise, nfe, discretization=disc)
+                candidates.append((nfe, "baseline", f"{name}/{disc}", s.to_json()))
+    from s3_ray.metrics.evaluate import REFERENCE_SOLVER
+
+    converged = build_baseline(REFERENCE_SOLVER[0], noise, REFERENCE_SOLVER[1]).to_json()
+    candidates.append((REFERENCE_SOLVER[1], "converged", f"{REFERENCE_SOLVER[0]}/{REFERENCE_SOLVER[1]}", converged))
+    seeds = [cfg.seed + 10_000 + j for j in range(cfg.metric.final_seeds)]
+    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_final_eval_task)
+    mj, xj = cfg.model.model_dump_json(), cfg.metric.model_dump_json()
+    refs = [[task.remote(sj, mj, xj, cfg.metric.final_samples, seed) for seed in seeds] for *_, sj in candidates]
+    scores = [sum(r["score"] for r in ray.get(rs)) / len(rs) for rs in refs]
+
+    rows, best_dir = [], run_dir / "best"
+    best_dir.mkdir(exist_ok=True)
+    conv_score = scores[-1]
+    for nfe in cfg.nfe:
+        entries = [(sc, kind, label, sj) for (n, kind, label, sj), sc in zip(candidates, scores) if n == nfe and kind != "converged"]
+        searched = sorted(e for e in entries if e[1] == "searched")
+        baselines = sorted(e for e in entries if e[1] == "baseline")
+        best = min(entries)  # the best schedule at this NFE, searched or not, is what we export
+        SolverSchedule.from_json(best[3]).save(best_dir / f"nfe{nfe}.json")
+        row = {"nfe": nfe, "searched": searched[0][0] if searched else None,
+               "searched_hash": searched[0][2] if searched else None,
+               "best_baseline": baselines[0][2] if baselines else None,
+               "best_baseline_score": baselines[0][0] if baselines else None, "exported": best[2]}
+        row["ratio"] = (row["searched"] / row["best_baseline_score"]) if searched and baselines else None
+        rows.append(row)
+    _sample_grids(cfg, best_dir, run_dir / "grids")
+    summary = {"name": cfg.name, "metric": cfg.metric.kind, "reference": cfg.metric.reference,
+               "final_samples": cfg.metric.final_samples, "final_seeds": seeds, "converged": conv_score, "rows": rows,
+               "all": [{"nfe": n, "kind": k, "label": lab, "score": sc} for (n, k, lab, _), sc in zip(candidates, scores)]}
+    md = summary_markdown(summary)
+    (run_dir / "summary.md").write_text(md)
+    print(md, file=out)
+    _log_parent(tracker, parent_id, summary, run_dir, out)
+    return summary
+
+
+def _sample_grids(cfg: SearchConfig, best_dir: Path, grid_dir: Path, n: int = 64):
+    """An image grid of each exported schedule's samples (image models only)."""
+    from s3_ray.metrics.evaluate import get_target
+
+    target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
+    if not target.is_image:
+        return
+    from s3_ray.metrics.fid import uint8_images
+    from s3_ray.tracking.plots import image_grid
+
+    grid_dir.mkdir(exist_ok=True)
+    for f in sorted(best_dir.glob("nfe*.json")):
+        x = target.sample(SolverSchedule.from_json(f.read_text()), n, cfg.seed + 20_000)
+        image_grid(uint8_images(x), grid_dir / f"{f.stem}.png")
+
+
+def summary_markdown(summary: dict) -> str:
+    metric = summary["metric"].upper()
+    lines = [f"# {summary['name']}: searched schedules vs the best tuned baseline", "",
+             f"{metric} ({summary['reference']} reference), {summary['final_samples']} samples x {len(summary['final_seeds'])} "
+             f"fresh seeds; converged {metric} (reference solver): {summary['converged']:.3f}", "",
+             f"| NFE | S3 {metric} | best baseline | its {metric} | ratio | converged |", "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        s3 = "-" if r["searched"] is None else f"{r['searched']:.3f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['nfe']} | {s3} | {r['best_baseline']} | {r['best_baseline_score']:.3f} | {ratio} | "
+                     f"{summary['converged']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
+    from mlflow.entities import Metric
+
+    from s3_ray.tracking.plots import fid_vs_nfe_plot, schedule_diagram
+
+    try:
+        metrics = []
+        for r in summary["rows"]:
+            if r["searched"] is not None:
+                metrics.append(Metric(f"best_nfe{r['nfe']}", r["searched"], 0, 0))
+            metrics.append(Metric(f"baseline_nfe{r['nfe']}", r["best_baseline_score"], 0, 0))
+        metrics.append(Metric("converged", summary["converged"], 0, 0))
+        tracker.client.log_batch(parent_id, metrics=metrics)
+        fid_vs_nfe_plot(summary, run_dir / "score_vs_nfe.png")
+        schedule_diagram(sorted((run_dir / "best").glob("nfe*.json")), run_dir / "schedules.png")
+        for p in ["summary.md", "score_vs_nfe.png", "schedules.png"]:
+            tracker.client.log_artifact(parent_id, str(run_dir / p))
+        tracker.client.log_artifacts(parent_id, str(run_dir / "best"), "best")
+        grids = run_dir / "grids"
+        if grids.exists():
+            tracker.client.log_artifacts(parent_id, str(grids), "grids")
+        tracker.client.set_terminated(parent_id, "FINISHED")
+    except Exception as e:
+        print(f"warning: logging the summary to MLflow failed ({e}); files are in {run_dir}", file=out)

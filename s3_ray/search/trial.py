@@ -1,0 +1,55 @@
+"""The Ray Tune trial: evaluate one schedule (lives in the package so workers can import it).
+
+The trial's config (made by the searcher) holds the schedule as canonical JSON, the evaluation
+settings (model and metric configs as JSON), the sample count and the common-random-number seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from s3_ray.metrics.evaluate import evaluate, get_target
+from s3_ray.usf.schedule import SolverSchedule
+
+
+def run_trial(config: dict) -> dict:
+    """Evaluate ``config['schedule']``; returns the metrics dict that the trainable reports.
+
+    With ``config['cache_dir']`` results are cached by (schedule hash, samples, seed, model, metric):
+    a trial re-run after a driver restart answers from the cache."""
+    cache = _cache_path(config)
+    if cache is not None and cache.is_file():
+        return {**json.loads(cache.read_text()), "cached": 1}
+    torch.set_num_threads(1)
+    target = get_target(config["model"], config["metric"])  # cached: loaded once per worker process
+    schedule = SolverSchedule.from_json(config["schedule"])
+    result = evaluate(schedule, target, n=int(config["samples"]), seed=int(config["seed"]))
+    result["failed"] = int(result["failed"])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, cache)
+    return {**result, "cached": 0}
+
+
+def _cache_path(config: dict) -> Path | None:
+    if not config.get("cache_dir"):
+        return None
+    key = json.dumps([config["schedule_hash"], config["samples"], config["seed"], config["model"], config["metric"]])
+    return Path(config["cache_dir"]) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable."""
+    import ray
+    from ray import tune
+
+    result = run_trial(config)
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    tune.report(result)

@@ -1,0 +1,86 @@
+"""Figures for people: score vs NFE, a schedule diagram, and image grids (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(images_u8, path, ncol: int = 16, scale: int = 4) -> Path:
+    """Save uint8 images [N, C, H, W] (C = 1 or 3) as one PNG grid, each pixel scaled up."""
+    from PIL import Image
+
+    x = np.asarray(images_u8)
+    n, c, h, w = x.shape
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    pad = 1
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i].transpose(1, 2, 0)
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def fid_vs_nfe_plot(summary: dict, path) -> Path:
+    """Searched schedule, best baseline (per NFE) and the converged level."""
+    plt = _plt()
+    rows = summary["rows"]
+    nfe = [r["nfe"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(nfe, [r["best_baseline_score"] for r in rows], "s--", label="best tuned baseline")
+    s = [(r["nfe"], r["searched"]) for r in rows if r["searched"] is not None]
+    if s:
+        ax.plot(*zip(*s), "o-", label="S3 (searched)")
+    ax.axhline(summary["converged"], color="gray", lw=0.8, label="converged")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(summary["metric"].upper())
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def schedule_diagram(schedule_files, path) -> Path:
+    """One row per schedule: steps as segments in logSNR, coloured by order, marked by prediction
+    type (o data, x noise), with a ring where a corrector follows."""
+    from s3_ray.usf.noise import get_noise_schedule
+    from s3_ray.usf.schedule import load_schedule
+
+    plt = _plt()
+    files = list(schedule_files)
+    fig, ax = plt.subplots(figsize=(7, 0.7 * max(len(files), 1) + 1.6))
+    colors = {1: "tab:blue", 2: "tab:green", 3: "tab:orange", 4: "tab:red"}
+    for row, f in enumerate(files):
+        s = load_schedule(f)
+        lam = get_noise_schedule(s.noise_schedule).lambda_(np.array(s.times))
+        for i, st in enumerate(s.steps):
+            ax.plot([lam[i], lam[i + 1]], [row, row], color=colors[st.order], lw=4)
+            ax.plot(lam[i + 1], row, "o" if st.prediction == "data" else "x", color="k", ms=5)
+            if st.corrector is not None:
+                ax.plot(lam[i + 1], row, "o", mfc="none", mec="purple", ms=10)
+        ax.text(lam[0], row + 0.25, f"{Path(f).stem} (NFE {s.nfe()}, afs={s.afs})", fontsize=7)
+    ax.set_yticks([])
+    ax.set_ylim(-0.6, len(files) - 0.2)
+    ax.set_xlabel("logSNR lambda")
+    ax.set_title("order: 1 blue, 2 green, 3 orange, 4 red; o data, x noise prediction; ring = corrector", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,107 @@
+"""Helpers for tests that run real searches in subprocesses (real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ray_tmpdir(tmp: Path) -> str:
+    """A short per-test Ray temp dir (Unix socket paths are limited to 107 bytes); it also marks
+    this test's Ray processes, which are found and stopped by PID."""
+    link = tmp / "ray"
+    if not link.exists():
+        short = Path(tempfile.mkdtemp(prefix="s3t-", dir="/tmp"))
+        link.symlink_to(short)
+    return str(link.resolve())
+
+
+def search_env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(RAY_TMPDIR=ray_tmpdir(tmp), RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    return env
+
+
+def stop_test_ray(tmp: Path) -> int:
+    """Stop the Ray processes of this test (by PID) and remove its temp dir."""
+    d = ray_tmpdir(tmp)
+    n = kill_processes_with_env(f"RAY_TMPDIR={d}")
+    shutil.rmtree(d, ignore_errors=True)
+    return n
+
+
+def write_space(tmp: Path, **overrides) -> Path:
+    data = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    data.update(overrides)
+    path = tmp / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def search_cmd(space: Path, runs: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "s3_ray.cli", "search", "--space", str(space), "--runs", str(runs), *extra]
+
+
+def kill_processes_with_env(marker: str) -> int:
+    """SIGKILL every process whose environment contains ``marker`` (our own Ray processes, by PID)."""
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in env:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def trial_runs(db: Path, name: str):
+    """The search's child runs (empty while the store does not exist or is busy)."""
+    from mlflow.tracking import MlflowClient
+
+    if not db.exists():
+        return []
+    try:
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string="tags.`s3.kind` = 'trial'", max_results=1000)
+    except Exception:  # e.g. the writer holds the sqlite lock while we poll
+        return []
+
+
+def tune_trials(tune_dir: Path) -> list[dict]:
+    from ray.tune import ExperimentAnalysis
+
+    ea = ExperimentAnalysis(str(tune_dir))
+    return [{"trial_id": t.trial_id, "config": t.config, "result": t.last_result, "status": t.status} for t in ea.trials]
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def run(cmd, env, cwd, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

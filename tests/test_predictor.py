@@ -1,0 +1,196 @@
+"""The S³ predictor: encoding, ranking fit, determinism, state round trip and the spec's
+acceptance test (held-out Kendall tau > 0.5 on a real, cheap objective)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from s3_ray.config import DecisionSpace, PredictorConfig
+from s3_ray.models.analytic import GaussianMixture
+from s3_ray.search import predictor as P
+from s3_ray.search.predictor import Predictor, encode, encoding_length, heldout_tau, kendall_tau
+from s3_ray.usf.baselines import build_baseline
+from s3_ray.usf.noise import EDM, VPLinear
+from s3_ray.usf.sampler import sample
+
+F64 = torch.float64
+NFES = (4, 5, 6)
+PER_NFE = 100
+BASELINES = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_2m", "dpm_solver_3s")
+DISCRETIZATIONS = ("logsnr_uniform", "time_uniform", "time_quadratic")
+
+
+def _random_at_nfe(rng, noise, nfe):
+    try:
+        from s3_ray.search.space import random_schedule_at_nfe
+    except ImportError:  # older space.py: draw and filter
+        from s3_ray.search.space import random_schedule
+
+        while True:
+            s = random_schedule(rng, noise, int(rng.integers(max(1, nfe - 2), nfe + 3)))
+            if s.nfe() == nfe:
+                return s
+    return random_schedule_at_nfe(rng, noise, nfe, DecisionSpace())
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    """A few hundred random schedules at NFE 4-6 plus baselines, scored by log RMSE against the exact
+    (DOP853) solution of a 6-D, 3-component Gaussian mixture from the same 64 starting points."""
+    noise = VPLinear()
+    r = np.random.default_rng(1)
+    d, k = 6, 3
+    means = r.normal(0.0, 1.0, (k, d))
+    weights = r.dirichlet(np.ones(k) * 3)
+    stds = r.uniform(0.2, 0.5, k)
+    gm = GaussianMixture(noise, weights, means, stds)
+    data_mean = torch.as_tensor(weights @ means)
+    x_T = torch.randn(64, d, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ref = gm.solve(x_T, noise.T, noise.t_end_default, rtol=1e-9, atol=1e-9)  # once, reused
+    rng = np.random.default_rng(101)
+    pool = []
+    for nfe in NFES:
+        pool += [_random_at_nfe(rng, noise, nfe) for _ in range(PER_NFE)]
+        pool += [build_baseline(b, noise, nfe, discretization=disc) for b in BASELINES for disc in DISCRETIZATIONS]
+    scores = []
+    for s in pool:
+        out = sample(s, gm.eps, noise, x_T, data_mean=data_mean)
+        rmse = float(((out - ref) ** 2).mean().sqrt())
+        scores.append(np.log(rmse) if np.isfinite(rmse) and rmse > 0 else np.nan)  # NaN = failed: worst
+    return noise, pool, np.array(scores)
+
+
+# ---- encoding -------------------------------------------------------------------------------
+
+
+def test_encoding_fixed_length_padding_and_distinct():
+    noise = VPLinear()
+    a = build_baseline("dpm_solver_pp_2m", noise, 5)
+    b = build_baseline("unipc_bh2", noise, 5)
+    c = build_baseline("dpm_solver_pp_2m", noise, 8)
+    ea, eb, ec = (encode(s, noise, 12) for s in (a, b, c))
+    assert ea.dtype == np.float32 and ea.shape == eb.shape == ec.shape == (encoding_length(12),)
+    assert np.all(np.isfinite(ea)) and np.all(np.isfinite(eb))
+    assert not np.array_equal(ea, eb) and not np.array_equal(ea, ec)
+    n_step = len(P.STEP_FEATURES)
+    blocks = ea[: 12 * n_step].reshape(12, n_step)
+    assert np.all(blocks[:5, 0] == 1.0) and np.all(blocks[5:] == 0.0)  # mask flag, zero padding
+    g = dict(zip(P.GLOBAL_FEATURES, ea[12 * n_step:]))
+    assert g["nfe"] == 5 and g["n_steps"] == 5 and g["afs_none"] == 1.0
+    # one decision changed -> the encoding changes
+    s = a.model_dump()
+    s["steps"][2]["prediction"] = "noise"
+    assert not np.array_equal(encode(type(a).model_validate(s), noise, 12), ea)
+    # the same steps padded further: the prefix (steps) is identical
+    e16 = encode(a, noise, 16)
+    assert np.array_equal(e16[: 5 * n_step], ea[: 5 * n_step]) and np.all(e16[5 * n_step: 16 * n_step] == 0)
+
+
+def test_too_long_schedule_is_a_clear_error():
+    noise = VPLinear()
+    with pytest.raises(ValueError, match="max_steps=6"):
+        encode(build_baseline("ddim", noise, 10), noise, 6)
+    with pytest.raises(ValueError, match="max_steps=6"):
+        Predictor(PredictorConfig(max_steps=6), noise).predict([build_baseline("ddim", noise, 10)])
+
+
+def test_encoding_of_another_noise_schedule_is_refused():
+    with pytest.raises(ValueError, match="noise schedule"):
+        encode(build_baseline("ddim", EDM(), 5), VPLinear(), 12)
+
+
+@pytest.mark.parametrize("noise", [VPLinear(), EDM()], ids=["vp_linear", "edm"])
+def test_probe_errors_fall_with_nfe(noise):
+    n_step = len(P.STEP_FEATURES)
+    errs = []
+    for nfe in (5, 10, 40):
+        e = encode(build_baseline("dpm_solver_pp_3m", noise, nfe), noise, 48)
+        errs.append(e[48 * n_step + len(P.GLOBAL_FEATURES) - len(P.PROBES):])
+    assert np.all(errs[0] > errs[1]) and np.all(errs[1] > errs[2]), errs
+    off = encode(build_baseline("dpm_solver_pp_3m", noise, 5), noise, 48, probes=False)
+    assert np.all(off[-len(P.PROBES):] == 0)
+
+
+# ---- pairs and tau -------------------------------------------------------------------------------
+
+
+def test_ranking_pairs_only_within_an_nfe_ties_skipped_nan_worst():
+    nfes = [4, 4, 4, 5, 5, 5]
+    scores = [1.0, 3.0, 1.0, 100.0, np.nan, -5.0]
+    bi, wi = P.ranking_pairs(nfes, scores)
+    pairs = set(zip(bi.tolist(), wi.tolist()))
+    assert pairs == {(0, 1), (2, 1), (3, 4), (5, 3), (5, 4)}
+
+
+def test_kendall_tau_and_per_nfe_tau():
+    x = np.arange(10.0)
+    assert kendall_tau(x, x) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+    assert kendall_tau(np.ones(10), x) == 0.0
+    assert kendall_tau(x, [*x[:-1], np.nan]) == pytest.approx(1.0)  # NaN counts as worst
+    nfes = [4] * 6 + [5] * 3 + [6] * 2  # the 2-item group is skipped
+    pred = [*range(6), 0, 1, 2, 0, 1]
+    true = [*range(6), 2, 1, 0, 1, 0]
+    assert P.per_nfe_tau(nfes, pred, true) == pytest.approx((6 * 1.0 + 3 * -1.0) / 9)
+
+
+# ---- fitting ---------------------------------------------------------------------------------
+
+
+def test_spec_acceptance_heldout_kendall_tau(evaluated):
+    """USF spec 4.3: the predictor ranks held-out evaluated schedules (per-NFE Kendall tau > 0.5)."""
+    noise, pool, scores = evaluated
+    assert np.isfinite(scores).mean() > 0.9
+    cfg = PredictorConfig()
+    t0 = time.perf_counter()
+    tau = heldout_tau(pool, scores, cfg, noise, seed=0)
+    elapsed = time.perf_counter() - t0
+    print(f"held-out per-NFE Kendall tau = {tau:.3f} ({len(pool)} schedules, fit+predict {elapsed:.2f} s)")
+    assert tau > 0.5, f"held-out Kendall tau {tau:.3f} <= 0.5"
+
+
+def test_fit_is_deterministic_and_ranks_training_data(evaluated):
+    noise, pool, scores = evaluated
+    cfg = PredictorConfig(epochs=100)
+    a = Predictor(cfg, noise, seed=3).fit(pool, scores).predict(pool)
+    b = Predictor(cfg, noise, seed=3).fit(pool, scores).predict(pool)
+    c = Predictor(cfg, noise, seed=4).fit(pool, scores).predict(pool)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    nfes = np.array([s.nfe() for s in pool])
+    assert P.per_nfe_tau(nfes, a, scores) > 0.6
+
+
+def test_fit_only_uses_order_within_nfe(evaluated):
+    """Per-NFE offsets and monotone rescaling of the scores change nothing."""
+    noise, pool, scores = evaluated
+    cfg = PredictorConfig(epochs=30)
+    nfes = np.array([s.nfe() for s in pool])
+    warped = np.exp(scores) * 1e3 + 50.0 * nfes  # monotone within each NFE, offsets differ by NFE
+    a = Predictor(cfg, noise, seed=0).fit(pool, scores).predict(pool[:20])
+    b = Predictor(cfg, noise, seed=0).fit(pool, warped).predict(pool[:20])
+    assert np.array_equal(a, b)
+
+
+def test_state_round_trip_through_json(evaluated):
+    noise, pool, scores = evaluated
+    p = Predictor(PredictorConfig(epochs=50, hidden=(32, 16)), noise, seed=1).fit(pool[::2], scores[::2])
+    state = json.loads(json.dumps(p.state_dict()))
+    q = Predictor.from_state(state, noise)
+    assert np.array_equal(p.predict(pool), q.predict(pool))
+    assert q.n_train == len(pool[::2]) and q.cfg == p.cfg
+    with pytest.raises(ValueError, match="noise schedule"):
+        Predictor.from_state(state, EDM())
+
+
+def test_fit_without_pairs_and_with_failed_scores():
+    noise = VPLinear()
+    pool = [build_baseline("ddim", noise, n) for n in (4, 5, 6)]  # one per NFE: no pairs
+    p = Predictor(PredictorConfig(epochs=5), noise).fit(pool, [1.0, 2.0, 3.0])
+    assert p.n_pairs == 0 and np.all(np.isfinite(p.predict(pool)))
+    pool += [build_baseline("dpm_solver_pp_2m", noise, n) for n in (4, 5, 6)]
+    p.fit(pool, [np.nan, 2.0, np.inf, 0.5, 1.0, 3.0])
+    assert p.n_pairs == 3 and np.all(np.isfinite(p.predict(pool)))

@@ -1,0 +1,100 @@
+"""End to end: `s3 search` on a local Ray (127.0.0.1) with an sqlite MLflow store; then a driver
+killed mid-search (SIGKILL) and resumed with --resume."""
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from s3_ray.config import load_config
+from s3_ray.usf.baselines import build_baseline
+from s3_ray.usf.noise import VPLinear
+from s3_ray.usf.schedule import SolverSchedule, load_schedule
+
+from .search_helpers import run, search_cmd, search_env, stop_test_ray, trial_runs, tune_trials, wait_for, write_space
+
+pytestmark = pytest.mark.slow
+
+
+def nan_schedule(path: Path) -> Path:
+    """A valid schedule that blows up: a huge relaxation slope overflows to inf, then NaN."""
+    d = json.loads(build_baseline("dpm_solver_pp_2m", VPLinear(), 4).to_json())
+    d["steps"][2]["derivatives"][0]["relaxation"] = {"kind": "linear", "scale": 1.0, "slope": 1e300}
+    SolverSchedule.from_dict(d).save(path)
+    return path
+
+
+def test_smoke_search_end_to_end(tmp_path):
+    space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))])
+    env = search_env(tmp_path)
+    try:
+        r = run(search_cmd(space, tmp_path / "runs"), env, tmp_path)
+    finally:
+        stop_test_ray(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    cfg = load_config(space)
+    assert "| NFE | S3 FID | best baseline" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
+    assert (run_dir / "summary.md").is_file() and (run_dir / "score_vs_nfe.png").is_file()
+    best = load_schedule(run_dir / "best" / "nfe4.json")
+    assert best.nfe() == 4
+    # MLflow: one child per trial, decisions as params, the NaN schedule as a penalised trial
+    runs = trial_runs(run_dir / "mlflow.db", "e2e")
+    assert len(runs) == cfg.budget
+    assert len({x.data.tags["s3.trial_id"] for x in runs}) == cfg.budget
+    assert len({x.data.tags["ray.trial_id"] for x in runs}) == cfg.budget
+    for x in runs:
+        p = x.data.params
+        assert {"nfe", "stage", "source", "afs", "s00.order", "s00.pred", "s00.points", "s00.corrector"} <= set(p)
+        assert "score" in x.data.metrics and "seconds" in x.data.metrics and "s3.schedule_hash" in x.data.tags
+    user = [x for x in runs if x.data.params["source"] == "user"]
+    assert len(user) == 1 and user[0].data.metrics["failed"] == 1.0
+    assert user[0].data.metrics["score"] == cfg.metric.worst_score and user[0].info.status == "FAILED"
+    assert {x.data.params["source"] for x in runs} >= {"user", "baseline", "random", "predictor"}
+    # Tune's own results: every trial once, all terminated
+    trials = tune_trials(run_dir / "tune")
+    assert len(trials) == cfg.budget and all(t["status"] == "TERMINATED" for t in trials)
+
+
+def test_driver_killed_then_resumed(tmp_path):
+    space = write_space(tmp_path, name="resume", budget=14, concurrency=1)
+    env = search_env(tmp_path)
+    runs_root = tmp_path / "runs"
+    db = runs_root / "resume" / "mlflow.db"
+    proc = subprocess.Popen(search_cmd(space, runs_root), env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(trial_runs(db, "resume")) >= 5, timeout=300), "no progress"
+        before = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in trial_runs(db, "resume")}
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        proc.wait(timeout=30)
+    finally:
+        stop_test_ray(tmp_path)  # its local Ray, by PID
+    assert len(before) < 14
+    r = run(search_cmd(space, runs_root, "--resume"), env, tmp_path)
+    stop_test_ray(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = tune_trials(runs_root / "resume" / "tune")
+    assert len({t["trial_id"] for t in trials}) == len(trials) == 14
+    keys = [t["config"]["trial_key"] for t in trials]
+    assert len(set(keys)) == 14 and len({t["config"]["schedule_hash"] for t in trials}) == 14
+    runs = trial_runs(db, "resume")
+    logged = [x.data.tags["s3.trial_id"] for x in runs]
+    assert sorted(logged) == sorted(keys)  # no finished trial lost or duplicated in MLflow
+    after = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in runs}
+    assert all(after[k] == v for k, v in before.items())
+    assert (runs_root / "resume" / "summary.md").is_file()
+
+
+def test_bad_space_and_missing_resume_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbudget: -3\nmetric: {kind: fid, samples: []}\n")
+    r = run(search_cmd(bad, tmp_path / "runs"), search_env(tmp_path), tmp_path)
+    assert r.returncode == 2 and "budget: Input should be greater than or equal to 1" in r.stderr
+    assert "metric.samples" in r.stderr and "Traceback" not in r.stderr
+    space = write_space(tmp_path, name="never")
+    r = run(search_cmd(space, tmp_path / "runs", "--resume"), search_env(tmp_path), tmp_path)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
