@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
     se.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite file in the run directory)")
     se.add_argument("--budget", type=int, help="override the space's number of true evaluations")
-    se.add_argument("--algo", choices=("s3", "evolution", "random"), default="s3")
+    se.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
     se.add_argument("--name", help="override the run name (runs/<name>/)")
     se.add_argument("--runs", default="runs", help="root directory of run directories")
     g = se.add_mutually_exclusive_group()

@@ -142,6 +142,8 @@ class PredictorConfig(_Cfg):
     lr: float = Field(default=3e-3, gt=0)
     candidates: int = Field(default=400, ge=1, description="evolutionary mutants scored by the predictor per stage")
     max_steps: int = Field(default=16, ge=1, description="encoding pads schedules to this many steps")
+    probes: bool = Field(default=True, description="add each schedule's errors on analytic probe problems to its encoding")
+    weight_decay: float = Field(default=0.03, ge=0)
 
 
 class ResourcesConfig(_Cfg):

@@ -58,7 +58,7 @@ def test_loop_improves_on_seeded_baselines():
         assert found < base
 
 
-@pytest.mark.parametrize("algo", ["s3", "evolution", "random"])
+@pytest.mark.parametrize("algo", ["s3", "evolution", "random", "optuna-tpe"])
 def test_save_restore_reproduces_next_suggestion(tmp_path, algo):
     cfg = parse_config({**CFG, "budget": 40})
     a = S3Searcher(cfg, algo=algo)

@@ -40,8 +40,10 @@ def prepare_ray_env(run_dir: Path, local: bool) -> None:
 
 
 def init_ray(address: str | None, run_dir: Path):
+    """Connect to ``address`` (or $RAY_ADDRESS, set inside a Ray job), else start a local Ray."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
     prepare_ray_env(run_dir, local=address is None)
     if ray.is_initialized():
         return
@@ -109,11 +111,22 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     added = _sync(tracker, records, out)
     print(f"search: {len(records)} trials in {time.time() - started:.0f} s ({added} synced to MLflow at the end)", file=out)
 
-    summary = finalize(cfg, records, run_dir, tracker, parent_id, out)
+    summary = finalize(cfg, records, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir))
     summary["search_seconds"] = time.time() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nbrowse: mlflow ui --backend-store-uri {uri}" if not mlflow_uri else f"\nbrowse: {mlflow_uri}", file=out)
     return summary
+
+
+def _searcher_taus(tune_dir: Path) -> list[dict]:
+    """Per-stage predictor quality from the searcher's last saved state (JSON despite Tune's name)."""
+    files = sorted(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    try:
+        return json.loads(files[-1].read_text()).get("taus", [])
+    except (OSError, ValueError):
+        return []
 
 
 def _sync(tracker, records, out) -> int:
@@ -136,7 +149,7 @@ def _final_eval_task(schedule_json: str, model_json: str, metric_json: str, n: i
     return evaluate(SolverSchedule.from_json(schedule_json), target, n=n, seed=seed)
 
 
-def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out) -> dict:
+def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out, taus=()) -> dict:
     """Re-evaluate the top-k searched schedules and every baseline per NFE with more samples on fresh
     seeds; export the best schedule per NFE; write summary.md; log the parent run."""
     import ray
@@ -182,6 +195,7 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     _sample_grids(cfg, best_dir, run_dir / "grids")
     summary = {"name": cfg.name, "metric": cfg.metric.kind, "reference": cfg.metric.reference,
                "final_samples": cfg.metric.final_samples, "final_seeds": seeds, "converged": conv_score, "rows": rows,
+               "predictor_tau": list(taus), "trials": len(records),
                "all": [{"nfe": n, "kind": k, "label": lab, "score": sc} for (n, k, lab, _), sc in zip(candidates, scores)]}
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)
@@ -217,6 +231,10 @@ def summary_markdown(summary: dict) -> str:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['nfe']} | {s3} | {r['best_baseline']} | {r['best_baseline_score']:.3f} | {ratio} | "
                      f"{summary['converged']:.3f} |")
+    taus = [t for t in summary.get("predictor_tau", []) if t.get("kendall_tau") is not None]
+    if taus:
+        lines += ["", "Predictor Kendall tau on held-out evaluated schedules, per stage: " +
+                  ", ".join(f"stage {t['stage']}: {t['kendall_tau']:.2f} (n={t['n_train']})" for t in taus)]
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +250,8 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
                 metrics.append(Metric(f"best_nfe{r['nfe']}", r["searched"], 0, 0))
             metrics.append(Metric(f"baseline_nfe{r['nfe']}", r["best_baseline_score"], 0, 0))
         metrics.append(Metric("converged", summary["converged"], 0, 0))
+        metrics += [Metric("kendall_tau", t["kendall_tau"], 0, t["stage"]) for t in summary.get("predictor_tau", [])
+                    if t.get("kendall_tau") is not None and t["kendall_tau"] == t["kendall_tau"]]
         tracker.client.log_batch(parent_id, metrics=metrics)
         fid_vs_nfe_plot(summary, run_dir / "score_vs_nfe.png")
         schedule_diagram(sorted((run_dir / "best").glob("nfe*.json")), run_dir / "schedules.png")

@@ -21,7 +21,7 @@ with probes, 0.4-0.5 without (``probes=False``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -327,13 +327,12 @@ class Predictor:
     """Ranks schedules: ``predict`` returns a score where lower = predicted better."""
 
     max_pairs = 50_000  # pairs per fit (subsampled, seeded, beyond this)
-    weight_decay = 0.03  # Adam L2; with rank-weighted pairs (see fit), tuned on analytic-GMM pools
 
-    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool = True):
+    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None):
         self.cfg = cfg
         self.noise = noise
         self.seed = int(seed)
-        self.probes = bool(probes)
+        self.probes = cfg.probes if probes is None else bool(probes)
         self.input_dim = encoding_length(cfg.max_steps)
         self.mean = np.zeros(self.input_dim, dtype=np.float32)
         self.std = np.ones(self.input_dim, dtype=np.float32)
@@ -408,7 +407,7 @@ class Predictor:
         self.std = np.concatenate([np.tile(ss, S), gs]).astype(np.float32)
 
     # ---- training ---------------------------------------------------------------------------
-    def fit(self, schedules: Sequence[SolverSchedule], scores) -> "Predictor":
+    def fit(self, schedules: Sequence[SolverSchedule], scores) -> Predictor:
         """Train from scratch on (schedule, score) pairs; lower score = better. Deterministic."""
         schedules = list(schedules)
         scores = np.asarray(scores, dtype=np.float64)
@@ -431,7 +430,7 @@ class Predictor:
         pw = torch.from_numpy(np.abs(r[wi] - r[bi]).astype(np.float32))
         pw = pw / pw.mean()
         params = [p.clone().requires_grad_(True) for p in self.params]
-        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         for _ in range(self.cfg.epochs):
             opt.zero_grad(set_to_none=True)
             f = self._forward(inputs, params)
@@ -474,7 +473,7 @@ class Predictor:
         }
 
     @classmethod
-    def from_state(cls, state: dict, noise: NoiseSchedule) -> "Predictor":
+    def from_state(cls, state: dict, noise: NoiseSchedule) -> Predictor:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"predictor state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
         if state["noise_schedule"] != noise.name:
@@ -520,10 +519,10 @@ def heldout_split(nfes, holdout_frac: float, seed: int) -> tuple[np.ndarray, np.
     train, test = [], []
     for v in np.unique(nfes):
         idx = rng.permutation(np.flatnonzero(nfes == v))
-        k = int(round(holdout_frac * idx.size))
+        k = round(holdout_frac * idx.size)
         test.append(idx[:k])
         train.append(idx[k:])
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     return cat(train), cat(test)
 
 
@@ -543,7 +542,7 @@ def per_nfe_tau(nfes, predicted, true, min_group: int = 3) -> float:
 
 
 def heldout_tau(schedules: Sequence[SolverSchedule], scores, cfg: PredictorConfig, noise: NoiseSchedule,
-                seed: int = 0, holdout_frac: float = 0.25, probes: bool = True) -> float:
+                seed: int = 0, holdout_frac: float = 0.25, probes: bool | None = None) -> float:
     """Fit on a seeded NFE-stratified split; mean per-NFE Kendall tau on the held-out part
     (weighted by group size; groups with < 3 held-out items skipped; NaN if none qualifies)."""
     if not 0 < holdout_frac < 1:

@@ -4,7 +4,8 @@ Phases: (1) seed the pool with every configured baseline builder x discretisatio
 then random schedules; (2) ``stages`` rounds, each of which retrains the predictor on everything
 evaluated, generates evolutionary mutants, and sends only the top predicted ones to true
 evaluation. ``algo='evolution'`` proposes one mutant at a time from the current pool (the public
-release's algorithm); ``algo='random'`` draws random valid schedules.
+release's algorithm); ``algo='random'`` draws random valid schedules; ``algo='optuna-tpe'`` asks
+Optuna's TPE over a fixed-length parameterisation of the same space (``tpe.py``).
 
 It runs (and is tested) without a Ray cluster: Tune only calls ``suggest``/``on_trial_complete``/
 ``save``/``restore``. ``suggest`` returns the trial config: the schedule as canonical JSON plus the
@@ -23,11 +24,12 @@ from ray.tune.search import Searcher
 
 from s3_ray.config import SearchConfig
 from s3_ray.search.space import propose, random_schedule_at_nfe
+from s3_ray.search.tpe import TPEProposer
 from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
-ALGOS = ("s3", "evolution", "random")
+ALGOS = ("s3", "evolution", "random", "optuna-tpe")
 STATE_VERSION = 1
 
 
@@ -51,6 +53,7 @@ class S3Searcher(Searcher):
         self.taus: list[dict] = []  # predictor quality per stage
         self._eval_settings = {"model": config.model.model_dump_json(), "metric": config.metric.model_dump_json()}
         self.trial_settings: dict = {}  # extra keys for every trial config (the driver sets the result cache)
+        self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ class S3Searcher(Searcher):
     def _plan_seed_phase(self):
         cfg = self.cfg
         seeds = [(load_schedule(f), "user") for f in cfg.seed_schedules]
-        if self.algo != "random":
+        if self.algo in ("s3", "evolution"):
             for nfe in cfg.nfe:
                 for name in cfg.baselines:
                     for disc in cfg.discretizations:
@@ -159,6 +162,8 @@ class S3Searcher(Searcher):
                 if not self.results:
                     return None
                 self.queue.extend(self._mutants(1, 0, "evolution"))
+            elif self.algo == "optuna-tpe":
+                self._ask_tpe()
             else:
                 for _ in range(100):
                     nfe = int(self.rng.choice(self.cfg.nfe))
@@ -177,6 +182,17 @@ class S3Searcher(Searcher):
         self.n_suggested += 1
         return {**proposal, **self._eval_settings, **self.trial_settings}
 
+    def _ask_tpe(self):
+        known = {r["schedule_hash"]: r["score"] for r in self.results}
+        for _ in range(50):
+            s, params, number = self.tpe.ask()
+            p = self._proposal(s, "optuna-tpe", 0)
+            if p is not None:
+                self.queue.append({**p, "tpe": {"params": params, "number": number}})
+                return
+            if s.schedule_hash() in known:  # a point that decodes to a known schedule: tell its score
+                self.tpe.tell(number, params, known[s.schedule_hash()])
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         proposal = self.pending.pop(trial_id, None)
         if proposal is None:  # not ours, or already recorded
@@ -186,6 +202,8 @@ class S3Searcher(Searcher):
         failed = bool(error or not finite or result.get("failed"))
         value = float(score) if finite else self.cfg.metric.worst_score
         self.results.append({**proposal, "trial_id": trial_id, "score": value, "failed": failed})
+        if self.tpe is not None and "tpe" in proposal:
+            self.tpe.tell(proposal["tpe"]["number"], proposal["tpe"]["params"], value)
 
     # ---- state ------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -193,7 +211,7 @@ class S3Searcher(Searcher):
                 "rng": self.rng.bit_generator.state, "queue": self.queue, "pending": self.pending,
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
                 "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus,
-                "trial_settings": self.trial_settings}
+                "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
     def set_state(self, state: dict):
         if state.get("version") != STATE_VERSION:
@@ -207,6 +225,9 @@ class S3Searcher(Searcher):
         self.seen, self.n_suggested = set(state["seen"]), state["n_suggested"]
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
         self.trial_settings = state.get("trial_settings", {})
+        self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
+        if self.tpe is not None:
+            self.tpe.set_state(state["tpe"])
         self._eval_settings = {"model": self.cfg.model.model_dump_json(), "metric": self.cfg.metric.model_dump_json()}
 
     def save(self, path: str):
