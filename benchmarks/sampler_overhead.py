@@ -25,6 +25,39 @@ STEPS = 20
 REPEATS = 41
 
 
+def time_shape(shape, plan, sched) -> dict:
+    """Median per-step time of ours and diffusers' at one tensor shape, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(shape, generator=g)
+    fixed = torch.randn(shape, generator=g)
+
+    def model(x, t):
+        return fixed
+
+    def ours():
+        start = time.perf_counter()
+        plan.run(model, x_T)
+        return (time.perf_counter() - start) / STEPS
+
+    def theirs():
+        sched.set_timesteps(STEPS)
+        x = x_T
+        start = time.perf_counter()
+        for t in sched.timesteps:
+            x = sched.step(fixed, t, x).prev_sample
+        return (time.perf_counter() - start) / STEPS
+
+    for _ in range(3):  # warm-up
+        ours(), theirs()
+    a, b = [], []
+    for _ in range(REPEATS):
+        a.append(ours())
+        b.append(theirs())
+    ours_us, theirs_us = statistics.median(a) * 1e6, statistics.median(b) * 1e6
+    return {"shape": "x".join(map(str, shape)), "ours_us_per_step": round(ours_us, 1),
+            "diffusers_us_per_step": round(theirs_us, 1), "ratio": round(ours_us / theirs_us, 3)}
+
+
 def main():
     torch.set_num_threads(1)
     from diffusers import DPMSolverMultistepScheduler
@@ -37,35 +70,7 @@ def main():
     plan = SamplerPlan(schedule, noise)
     compile_ms = (time.perf_counter() - t0) * 1e3
 
-    rows = []
-    for shape in [(1, 3, 32, 32), (64, 3, 32, 32)]:
-        g = torch.Generator().manual_seed(0)
-        x_T = torch.randn(shape, generator=g)
-        fixed = torch.randn(shape, generator=g)
-        model = lambda x, t: fixed  # noqa: E731
-
-        def ours():
-            start = time.perf_counter()
-            plan.run(model, x_T)
-            return (time.perf_counter() - start) / STEPS
-
-        def theirs():
-            sched.set_timesteps(STEPS)
-            x = x_T
-            start = time.perf_counter()
-            for t in sched.timesteps:
-                x = sched.step(fixed, t, x).prev_sample
-            return (time.perf_counter() - start) / STEPS
-
-        for _ in range(3):  # warm-up
-            ours(), theirs()
-        a, b = [], []
-        for _ in range(REPEATS):
-            a.append(ours())
-            b.append(theirs())
-        ours_us, theirs_us = statistics.median(a) * 1e6, statistics.median(b) * 1e6
-        rows.append({"shape": "x".join(map(str, shape)), "ours_us_per_step": round(ours_us, 1),
-                     "diffusers_us_per_step": round(theirs_us, 1), "ratio": round(ours_us / theirs_us, 3)})
+    rows = [time_shape(shape, plan, sched) for shape in [(1, 3, 32, 32), (64, 3, 32, 32)]]
 
     out = {"benchmark": "sampler_overhead", "steps": STEPS, "repeats": REPEATS, "threads": 1,
            "plan_compile_ms": round(compile_ms, 2), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),

@@ -47,5 +47,5 @@ def fitted_slope(noise, name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_global_order(noise, name):
     slope, errors = fitted_slope(noise, name)
-    print(f"{noise.name} {name}: slope {slope:.2f} errors {['%.1e' % e for e in errors]}")
+    print(f"{noise.name} {name}: slope {slope:.2f} errors {[f'{e:.1e}' for e in errors]}")
     assert abs(slope - EXPECTED[name]) <= 0.25, f"{name}: fitted slope {slope:.2f}, expected {EXPECTED[name]}"

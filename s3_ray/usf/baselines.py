@@ -161,7 +161,10 @@ def dpm_solver_singlestep(noise: NoiseSchedule, nfe: int, *, order: int = 3, pre
     steps = []
     for k, o in enumerate(macro):
         la, lb = float(lam[k]), float(lam[k + 1])
-        at = lambda r: float(noise.inverse_lambda(la + r * (lb - la)))  # noqa: E731
+
+        def at(r, la=la, lb=lb) -> float:  # the time at lambda fraction r of this macro step
+            return float(noise.inverse_lambda(la + r * (lb - la)))
+
         if o == 1:
             steps.append(Step(t=float(grid[k + 1]), prediction=prediction, order=1))
         elif o == 2:

@@ -136,7 +136,7 @@ class VPDiscrete(NoiseSchedule):
         self._betas = betas
 
     @classmethod
-    def from_diffusers_config(cls, config) -> "VPDiscrete":
+    def from_diffusers_config(cls, config) -> VPDiscrete:
         """Build from a diffusers scheduler config (dict or FrozenDict): ``num_train_timesteps``,
         ``beta_schedule`` (linear, scaled_linear, squaredcos_cap_v2), ``beta_start``, ``beta_end``,
         or ``trained_betas``."""

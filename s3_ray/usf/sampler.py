@@ -11,8 +11,8 @@ so running a schedule costs one fused multiply-add per history term and step, in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -149,7 +149,7 @@ class SolverSchedule(_Strict):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
-    def from_json(cls, text: str) -> "SolverSchedule":
+    def from_json(cls, text: str) -> SolverSchedule:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -157,7 +157,7 @@ class SolverSchedule(_Strict):
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data) -> "SolverSchedule":
+    def from_dict(cls, data) -> SolverSchedule:
         if not isinstance(data, dict):
             raise ScheduleError("a schedule is a JSON object")
         try:
