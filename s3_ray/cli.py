@@ -130,7 +130,12 @@ def cmd_sample(a):
 
     torch.set_num_threads(1)
     s = load_schedule(a.schedule)
-    x = _target().sample(s, a.n, a.seed)
+    try:
+        x = _target().sample(s, a.n, a.seed)
+    except RuntimeError as e:  # a coefficient beyond float32 (as in evaluate()): the solve blew up
+        if "overflow" not in str(e):
+            raise
+        x = torch.full((1,), float("nan"))
     if not torch.isfinite(x).all():
         raise UsageError(f"{a.schedule}: the schedule produced NaN/Inf samples")
     image_grid(uint8_images(x), a.out, ncol=a.ncol)
@@ -158,6 +163,99 @@ def cmd_search(a):
         cfg = cfg.model_copy(update={"name": a.name})
     run_search(cfg, address=a.address, mlflow_uri=a.mlflow_uri, algo=a.algo, resume=a.resume, fresh=a.fresh,
                runs_root=a.runs)
+
+
+# ---- cluster jobs (Ray Jobs API; logic in s3_ray/cluster.py) --------------------------------------
+
+def cmd_submit(a):
+    from s3_ray.cluster import ClusterError, submit_search
+
+    try:
+        client, job_id, name = submit_search(
+            a.address, a.space, mlflow_uri=a.mlflow_uri, budget=a.budget, algo=a.algo, name=a.name, runs=a.runs,
+            resume=a.resume, fresh=a.fresh, working_dir=a.working_dir, submission_id=a.submission_id,
+            token_file=a.auth_token_file, python=a.python)
+        print(f"submitted search {name!r} as job {job_id} to {client.address}")
+        print(f"follow it: s3 jobs logs --follow {job_id} --address {client.address}")
+        print(f"       or: {client.logs_command(job_id)}")
+        if a.wait:
+            status = client.follow(job_id)
+            print(f"job {job_id}: {status}")
+            if status != "SUCCEEDED":
+                raise SystemExit(1)
+    except ClusterError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_jobs(a):
+    from s3_ray.cluster import ClusterError, JobsClient, format_jobs
+
+    try:
+        client = JobsClient(a.address, a.auth_token_file)
+        if a.action == "list":
+            print(format_jobs(client.list()))
+            return
+        if not a.job:
+            raise UsageError(f"s3 jobs {a.action} needs a JOB (submission id)")
+        if a.action == "status":
+            info = client.info(a.job)
+            print(f"{a.job}: {client.status(a.job)}" + (f" ({info.message})" if info.message else ""))
+        elif a.action == "logs":
+            if a.follow:
+                status = client.follow(a.job)
+                print(f"job {a.job}: {status}", file=sys.stderr)
+            else:
+                print(client.logs(a.job), end="")
+        elif a.action == "stop":
+            stopped = client.stop(a.job)
+            print(f"{a.job}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    except ClusterError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cluster_parsers(sub):
+    def common(q):
+        q.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 "
+                       "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+        q.add_argument("--auth-token-file", help="token of a RAY_AUTH_MODE=token cluster (default: $RAY_AUTH_TOKEN, "
+                       "$RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token when RAY_AUTH_MODE=token)")
+
+    su = sub.add_parser("submit", help="run `s3 search` on a Ray cluster as a Ray job (Jobs API)")
+    common(su)
+    su.add_argument("--space", default="search_spaces/digits.yaml", help="validated here and sent inline")
+    su.add_argument("--mlflow-uri", help="tracking URI as seen from the head node (default: sqlite in the run dir)")
+    su.add_argument("--budget", type=int, help="override the space's number of true evaluations")
+    su.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
+    su.add_argument("--name", help="override the run name (<runs>/<name>/)")
+    su.add_argument("--runs", help="run directories root on the cluster; must be storage shared by every node "
+                    "(default: runs/ in the job's working directory)")
+    g = su.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--fresh", action="store_true")
+    su.add_argument("--working-dir", help="upload this directory as the job's working dir (default: none, the "
+                    "cluster's installed s3_ray)")
+    su.add_argument("--submission-id", help="default: Ray's raysubmit_...")
+    su.add_argument("--python", default="python", help="python on the cluster that has s3_ray (default: python)")
+    su.add_argument("--wait", action="store_true", help="follow the logs; exit 1 unless the job succeeds")
+    su.set_defaults(fn=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list Ray jobs, or show/follow/stop one")
+    jb.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jb.add_argument("job", nargs="?", help="submission id (raysubmit_...)")
+    common(jb)
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jb.set_defaults(fn=cmd_jobs)
+
+
+def cmd_mlflow_server(a):
+    from s3_ray.tracking.server import ServerError, serve
+
+    try:
+        rc = serve(a.host, a.port, a.runs, allowed_hosts=a.allowed_hosts, timeout=a.timeout)
+    except ServerError as e:
+        raise UsageError(str(e)) from None
+    if rc:
+        raise UsageError(f"the MLflow server exited with status {rc} (its output is above)")
 
 
 # ---- parser ------------------------------------------------------------------------------------
@@ -235,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the search in runs/<name>/")
     g.add_argument("--fresh", action="store_true", help="delete runs/<name>/ and start over")
     se.set_defaults(fn=cmd_search)
+
+    ms = sub.add_parser("mlflow-server", help="run an MLflow tracking server (sqlite + artifacts under --runs)")
+    ms.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    ms.add_argument("--port", type=int, default=5000)
+    ms.add_argument("--runs", default="runs", help="directory of mlflow-server.db and mlartifacts/")
+    ms.add_argument("--allowed-hosts", help="Host headers MLflow accepts (e.g. mlflow:5000 behind a network name)")
+    ms.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /health")
+    ms.set_defaults(fn=cmd_mlflow_server)
+    _cluster_parsers(sub)
     return p
 
 

@@ -91,7 +91,8 @@ def tune_trials(tune_dir: Path) -> list[dict]:
     from ray.tune import ExperimentAnalysis
 
     ea = ExperimentAnalysis(str(tune_dir))
-    return [{"trial_id": t.trial_id, "config": t.config, "result": t.last_result, "status": t.status} for t in ea.trials]
+    return [{"trial_id": t.trial_id, "config": t.config, "result": t.last_result, "status": t.status,
+             "num_failures": t.run_metadata.num_failures} for t in ea.trials]
 
 
 def wait_for(predicate, timeout: float, interval: float = 1.0):

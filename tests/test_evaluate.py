@@ -106,12 +106,12 @@ def test_extractor_registered_in_ray_worker(monkeypatch):
         import ray
         import torch
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+        from torch_fidelity.utils import create_feature_extractor
 
         torch.set_num_threads(1)
         before = "s3-digits" in FEATURE_EXTRACTORS_REGISTRY
         import s3_ray.metrics.extractor  # noqa: F401  (registers at import)
         from s3_ray.metrics.fid import digits_reference, fid_kid
-        from torch_fidelity.utils import create_feature_extractor
 
         fe = create_feature_extractor("s3-digits", ["features"], cuda=False)
         held = digits_reference("heldout")
@@ -162,13 +162,24 @@ def test_cli_evaluate_and_sample(tmp_path):
         assert im.format == "PNG" and im.size[0] >= 8 and im.size[1] >= 8
 
 
-@pytest.mark.parametrize("text", ['{"version": 1, "steps": "nope"', '{"version": 1, "steps": []}'])
-def test_cli_malformed_schedule(tmp_path, text):
+@pytest.mark.parametrize("cmd, text", [
+    ("evaluate", '{"version": 1, "steps": "nope"'),  # not JSON
+    ("sample", '{"version": 1, "steps": []}'),  # JSON, not a schedule
+])
+def test_cli_malformed_schedule(tmp_path, cmd, text):
     f = tmp_path / "bad.json"
     f.write_text(text)
-    for cmd in (["evaluate", "--schedule", str(f), "--samples", "200"],
-                ["sample", "--schedule", str(f), "--out", str(tmp_path / "g.png"), "--n", "4"]):
-        r = s3(*cmd, tmp=tmp_path)
-        assert r.returncode == 2, (r.stdout, r.stderr)
-        assert r.stderr.startswith("error: ") and "bad.json" in r.stderr and "Traceback" not in r.stderr
-        assert not (tmp_path / "g.png").exists()
+    png = tmp_path / "g.png"
+    args = ["--samples", "200"] if cmd == "evaluate" else ["--out", str(png), "--n", "4"]
+    r = s3(cmd, "--schedule", str(f), *args, tmp=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and "bad.json" in r.stderr and "Traceback" not in r.stderr
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("slope", [1e30, 1e300])
+def test_cli_sample_of_blown_up_schedule(tmp_path, slope):
+    f = tmp_path / "nan.json"
+    f.write_text(_relaxed(slope).to_json())
+    r = s3("sample", "--schedule", str(f), "--out", str(tmp_path / "g.png"), "--n", "4", tmp=tmp_path)
+    assert r.returncode == 2 and "NaN/Inf" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -14,7 +14,16 @@ from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.noise import VPLinear
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
-from .search_helpers import run, search_cmd, search_env, stop_test_ray, trial_runs, tune_trials, wait_for, write_space
+from .search_helpers import (
+    run,
+    search_cmd,
+    search_env,
+    stop_test_ray,
+    trial_runs,
+    tune_trials,
+    wait_for,
+    write_space,
+)
 
 pytestmark = pytest.mark.slow
 

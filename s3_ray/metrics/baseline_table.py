@@ -63,7 +63,7 @@ def baseline_table(nfes, samples: int = 1000, seeds: int = 2, out_dir="benchmark
     best = {}
     for nfe in nfes:
         ok = [r for r in rows if r["nfe"] == nfe and not r["failed"]]
-        for ref in ("data", "model"):
+        for ref in ("data", "model") if ok else ():
             b = min(ok, key=lambda r: r[f"fid_{ref}"])
             best[f"{nfe}/{ref}"] = f"{b['name']}/{b['discretization']}"
     result = {"samples": samples, "seeds": seed_list, "nfe": list(nfes), "converged": converged, "best": best,
@@ -96,18 +96,23 @@ def table_markdown(result: dict) -> str:
     c = result["converged"]
     lines = ["# Baselines on the embedded digits model", "",
              f"FID/KID, {result['samples']} samples, mean over seeds {result['seeds']}. Converged FID (data reference, "
-             f"{c['solver']}): {c['fid_data']:.3f} ± {c['fid_data_spread']:.3f}; held-out-vs-train floor {c['heldout_floor']:.3f}.",
-             "**Bold** = best baseline at that NFE (by FID against the data).", "",
+             f"{c['solver']}): {c['fid_data']:.3f} ± {c['fid_data_spread']:.3f}; held-out-vs-train floor {c['heldout_floor']:.3f} "
+             "(397 held-out images: FID is biased upwards at small N, so compare it only at equal N).",
+             "**Bold** = best baseline at that NFE by FID against that reference (data or model).", "",
              "| NFE | baseline | discretization | FID (data) | KID (data) | FID (model) | KID (model) |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["nfe"], r["fid_data"] if r["fid_data"] is not None else 1e9)):
         key = f"{r['name']}/{r['discretization']}"
         b = result["best"].get(f"{r['nfe']}/data") == key
+        bm = result["best"].get(f"{r['nfe']}/model") == key
         if r["failed"]:
             lines.append(f"| {r['nfe']} | {r['name']} | {r['discretization']} | failed (NaN) | | | |")
             continue
         f = f"**{r['fid_data']:.3f}**" if b else f"{r['fid_data']:.3f}"
+        fm = f"**{r['fid_model']:.3f}**" if bm else f"{r['fid_model']:.3f}"
         lines.append(f"| {r['nfe']} | {r['name']} | {r['discretization']} | {f} | {r['kid_data']:.5f} | "
-                     f"{r['fid_model']:.3f} | {r['kid_model']:.5f} |")
-    lines += ["", "Best per NFE: " + ", ".join(f"{k}: {v}" for k, v in result["best"].items() if k.endswith("/data"))]
+                     f"{fm} | {r['kid_model']:.5f} |")
+    for ref in ("data", "model"):
+        lines += ["", f"Best per NFE ({ref} reference): "
+                  + ", ".join(f"{k.split('/')[0]}: {v}" for k, v in result["best"].items() if k.endswith(f"/{ref}"))]
     return "\n".join(lines) + "\n"

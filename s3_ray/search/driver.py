@@ -64,9 +64,10 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     """Run (or resume) a search; returns the summary dict."""
     from ray import tune
 
+    from s3_ray.search.actor_cache import keep_idle_trial_actors
     from s3_ray.search.searcher import S3Searcher
     from s3_ray.search.trial import trainable
-    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker
+    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker, bound_http_retries
 
     run_dir = (Path(runs_root) / cfg.name).resolve()
     tune_dir = run_dir / TUNE_NAME
@@ -83,8 +84,16 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
 
     uri = mlflow_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     artifacts = None if mlflow_uri else (run_dir / "mlartifacts").as_uri()
-    tracker = Tracker(uri, cfg.name, artifacts)
-    parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo)
+    bound_http_retries()  # a tracking server outage must not stall the search for minutes per request
+    try:
+        tracker = Tracker(uri, cfg.name, artifacts)
+        parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo)
+    except Exception as e:
+        if not mlflow_uri:
+            raise
+        raise SearchError(f"cannot reach MLflow at {uri} ({_first_line(e)}): start it (`s3 mlflow-server`, "
+                          f"`make mlflow`) or leave out --mlflow-uri to track in the run directory, then rerun "
+                          f"this command") from e
 
     init_ray(address, run_dir)
     # Snapshot Tune's experiment state every second (default: >= 10 s), so a killed driver re-runs
@@ -106,12 +115,18 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       callbacks=[MlflowTrialCallback(uri, cfg.name, artifacts)]),
         )
+    keep_idle_trial_actors(cfg.concurrency)  # else one actor is left after the first stage boundary
     results = tuner.fit()
     records = _trial_records(results)
     added = _sync(tracker, records, out)
-    print(f"search: {len(records)} trials in {time.time() - started:.0f} s ({added} synced to MLflow at the end)", file=out)
+    print(f"search: {len(records)} trials in {time.time() - started:.0f} s ({added or 0} synced to MLflow at the end)",
+          file=out)
 
     summary = finalize(cfg, records, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir))
+    if added is None:  # MLflow was down when the trials ended: try again after the final evaluation
+        added = _sync(tracker, records, out, last=True)
+        if added is not None:
+            print(f"MLflow is back: {added} trial(s) synced", file=out)
     summary["search_seconds"] = time.time() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nbrowse: mlflow ui --backend-store-uri {uri}" if not mlflow_uri else f"\nbrowse: {mlflow_uri}", file=out)
@@ -129,12 +144,20 @@ def _searcher_taus(tune_dir: Path) -> list[dict]:
         return []
 
 
-def _sync(tracker, records, out) -> int:
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+def _sync(tracker, records, out, last: bool = False) -> int | None:
+    """Log the trials missing from MLflow; None if the server could not be reached."""
     try:
         return tracker.sync_trials(records)
     except Exception as e:  # the server may still be down: the records stay in runs/<name>/tune
-        print(f"warning: MLflow sync failed ({e}); rerun `s3 search --resume` when the server is back", file=out)
-        return 0
+        then = ("rerun the same `s3 search` command with --resume once the server is back (finished trials are not re-run)"
+                if last else "trying again after the final evaluation")
+        print(f"warning: MLflow sync at {tracker.uri} failed ({_first_line(e)}); the trials' results are in "
+              f"the run directory (tune/): {then}", file=out)
+        return None
 
 
 # ---- final re-evaluation ------------------------------------------------------------------------
@@ -263,4 +286,5 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
             tracker.client.log_artifacts(parent_id, str(grids), "grids")
         tracker.client.set_terminated(parent_id, "FINISHED")
     except Exception as e:
-        print(f"warning: logging the summary to MLflow failed ({e}); files are in {run_dir}", file=out)
+        print(f"warning: logging the summary to MLflow failed ({_first_line(e)}); files are in {run_dir}; rerun the "
+              f"same `s3 search` command with --resume once the server is back to log them", file=out)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
+import time
 
 from ray.tune import Callback
 
@@ -24,6 +27,34 @@ PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "s3.kind"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch request
 TRIAL_METRICS = ("score", "fid", "kid", "kid_std", "rmse", "seconds", "failed")
+
+# The MLflow client retries an HTTP request 7 times with exponential backoff and waits up to 120 s per
+# attempt by default (measured: 246 s for one request to a closed port): a server outage would stall
+# the Tune driver loop (where the callback runs) for minutes per trial.
+# Searches bound that (a failed request gives up after ~2 s when the server refuses connections);
+# values already in the environment win. A trial that cannot be logged stays in Tune's results.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+RETRY_AFTER_S = 5.0  # while the server is down, the callback probes /health at most this often
+
+
+def bound_http_retries() -> None:
+    """Bound the MLflow client's HTTP retries/timeouts for this process (see ``HTTP_LIMITS``)."""
+    for k, v in HTTP_LIMITS.items():
+        os.environ.setdefault(k, v)
+
+
+def server_reachable(uri: str, timeout: float = 2.0) -> bool:
+    """A cheap probe: True unless ``uri`` is an HTTP tracking server whose ``/health`` does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 (any failure means: not reachable now)
+        return False
 
 
 def schedule_params(s: SolverSchedule) -> dict[str, str]:
@@ -58,6 +89,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self._logged: set[str] | None = None
+        self._partial: dict[str, str] = {}  # trial id -> run id of a child run left unfinished
         self.parent_id: str | None = None
 
     # ---- parent -----------------------------------------------------------------------------------
@@ -82,26 +114,42 @@ class Tracker:
 
     # ---- children ---------------------------------------------------------------------------------
     def logged_trial_ids(self) -> set[str]:
+        """Trial ids whose child run is complete. A child run still RUNNING was cut off mid-logging
+        (server outage, killed driver): it is remembered in ``_partial`` and replaced by ``log_trial``."""
         if self._logged is None:
-            self._logged = set()
-            token = None
+            logged, partial, token = set(), {}, None
             while True:
                 page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                                max_results=1000, page_token=token)
-                self._logged.update(r.data.tags.get(TRIAL_TAG) for r in page)
+                for r in page:
+                    tid = r.data.tags.get(TRIAL_TAG)
+                    if r.info.status == "RUNNING":
+                        partial[tid] = r.info.run_id
+                    else:
+                        logged.add(tid)
                 token = page.token
                 if not token:
                     break
+            self._logged, self._partial = logged, {k: v for k, v in partial.items() if k not in logged}
         return self._logged
 
     def log_trial(self, trial_id: str, config: dict, result: dict) -> bool:
         """Create the trial's child run unless it exists. Returns True if a run was created.
 
         ``trial_id`` is the searcher's trial key (stable across a driver restart), not Tune's id."""
-        from mlflow.entities import Metric, Param, RunTag
-
         if trial_id in self.logged_trial_ids():
             return False
+        try:
+            return self._log_trial(trial_id, config, result)
+        except BaseException:
+            self._logged = None  # the server may hold a partial child run now: look again next time
+            raise
+
+    def _log_trial(self, trial_id: str, config: dict, result: dict) -> bool:
+        from mlflow.entities import Metric, Param
+
+        if trial_id in self._partial:  # an unfinished child run of this trial: replace it
+            self.client.delete_run(self._partial.pop(trial_id))
         s = SolverSchedule.from_json(config["schedule"])
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, KIND_TAG: "trial", "s3.schedule_hash": config["schedule_hash"],
                 "s3.source": config["source"], "ray.trial_id": str(result.get("trial_id", ""))}
@@ -127,22 +175,35 @@ class Tracker:
 
 
 class MlflowTrialCallback(Callback):
-    """Ray Tune callback: logs each completed trial as a child run. Stateless apart from a lazily
-    built Tracker, so it survives pickling into ``tuner.pkl`` and a restore."""
+    """Ray Tune callback: logs each completed trial as a child run. Only its arguments are pickled
+    into ``tuner.pkl`` (the Tracker and the pending trials are rebuilt / re-synced after a restore).
+
+    If the tracking server is unreachable, the trial is kept in memory (it is also in Tune's results
+    in the run directory) and the search goes on: while the server is down, ``/health`` is probed at
+    most every ``RETRY_AFTER_S`` seconds at a trial's completion, and the pending trials are logged
+    as soon as it answers; the driver's final sync (or ``--resume``) logs whatever is still missing."""
 
     def __init__(self, tracking_uri: str, search_name: str, artifact_root: str | None = None):
         super().__init__()
         self.args = (tracking_uri, search_name, artifact_root)
+        self._reset()
+
+    def _reset(self):
         self._tracker = None
+        self._pending: dict[str, tuple[dict, dict]] = {}
+        self._down_since: float | None = None
+        self._next_try = 0.0
 
     def __getstate__(self):
         return {"args": self.args}
 
     def __setstate__(self, state):
-        self.args, self._tracker = state["args"], None
+        self.args = state["args"]
+        self._reset()
 
     def tracker(self) -> Tracker:
         if self._tracker is None:
+            bound_http_retries()
             t = Tracker(*self.args)
             runs = t.client.search_runs([t.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{t.search_name}' "
                                         f"and tags.`{KIND_TAG}` = 'search'", max_results=1)
@@ -153,8 +214,45 @@ class MlflowTrialCallback(Callback):
         return self._tracker
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        try:
-            self.tracker().log_trial(trial.config["trial_key"], trial.config, trial.last_result or {})
-        except Exception as e:  # a tracking outage must not stop the search; sync_trials fills gaps
-            self._tracker = None
-            log.warning("MLflow logging of trial %s failed (%s); it will be synced at the end or on --resume", trial_id, e)
+        self._pending[trial.config["trial_key"]] = (trial.config, dict(trial.last_result or {}))
+        self.flush()
+
+    def flush(self) -> int:
+        """Log the pending trials unless the server is known to be down; returns how many were logged."""
+        uri = self.args[0]
+        now = time.monotonic()
+        if self._down_since is not None and (now < self._next_try or not server_reachable(uri)):
+            self._next_try = max(self._next_try, now + RETRY_AFTER_S)
+            return 0
+        done = 0
+        for key in list(self._pending):
+            config, result = self._pending[key]
+            try:
+                self.tracker().log_trial(key, config, result)
+            except Exception as e:  # noqa: BLE001 (an outage must not stop the search; sync_trials fills gaps)
+                self._tracker = None
+                msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                if server_reachable(uri):  # the server is fine: this trial is the problem, not an outage
+                    del self._pending[key]
+                    _say(f"warning: logging trial {key} to MLflow failed ({msg}); the end of the search retries it")
+                    continue
+                self._next_try = time.monotonic() + RETRY_AFTER_S
+                if self._down_since is None:
+                    self._down_since = now
+                    _say(f"warning: MLflow at {uri} is unreachable ({msg}). The search goes on; {len(self._pending)} "
+                         f"trial(s) wait in the run directory (tune/) and are logged when the server is back, at "
+                         f"the end of the search, or by rerunning the same `s3 search` command with --resume")
+                return done
+            del self._pending[key]
+            done += 1
+        if self._down_since is not None:
+            _say(f"MLflow at {uri} is reachable again after {now - self._down_since:.0f} s: "
+                 f"logged {done} pending trial(s)")
+            self._down_since = None
+        return done
+
+
+def _say(msg: str) -> None:
+    """Tell the user (the driver's stderr) and the log."""
+    print(msg, file=sys.stderr, flush=True)
+    log.debug(msg)

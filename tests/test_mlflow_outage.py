@@ -1,0 +1,250 @@
+"""The MLflow tracking server: `s3 mlflow-server`, and a server that goes down in the middle of a search.
+
+The outage test runs a real `mlflow server` (started by ``s3_ray.tracking.server``), a smoke search
+in a subprocess logging to it, kills the server (SIGKILL to its process group) after a few trials,
+restarts it on the same backend store with `s3 mlflow-server`, and checks that the search finished
+and that every trial reached MLflow exactly once. Every process started here is stopped by PID.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from s3_ray.tracking import server
+from s3_ray.tracking.mlflow_tracking import HTTP_LIMITS, MlflowTrialCallback, bound_http_retries
+
+from .search_helpers import ROOT, search_cmd, search_env, stop_test_ray, wait_for
+
+BUDGET = 14
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fast: command line, retry bounds, a callback facing a dead server ----------------------------
+
+def test_server_command_defaults(tmp_path):
+    cmd = server.server_command(runs=tmp_path / "r")
+    assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
+    arg = dict(zip(cmd[4::1], cmd[5::1]))
+    assert arg["--host"] == "127.0.0.1" and arg["--port"] == "5000" and arg["--workers"] == "1"
+    assert arg["--backend-store-uri"] == f"sqlite:///{(tmp_path / 'r').resolve()}/mlflow-server.db"
+    assert arg["--artifacts-destination"] == str((tmp_path / "r").resolve() / "mlartifacts")
+    assert "--serve-artifacts" in cmd and "--allowed-hosts" not in cmd
+    assert server.server_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    wide = server.server_command("0.0.0.0", 5001, tmp_path, allowed_hosts="mlflow:5001")
+    assert wide[wide.index("--host") + 1] == "0.0.0.0" and wide[wide.index("--allowed-hosts") + 1] == "mlflow:5001"
+    assert server.client_uri("0.0.0.0", 5001) == "http://127.0.0.1:5001"
+
+
+def test_mlflow_server_cli_refuses_a_busy_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "s3_ray.cli", "mlflow-server", "--port", str(port), "--runs",
+                            str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in r.stderr
+    assert "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bound_http_retries_keeps_user_values(monkeypatch):
+    for k in HTTP_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "42")
+    bound_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() <= 3 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 42
+
+
+def test_callback_does_not_stall_on_a_dead_server(monkeypatch, capsys):
+    """With the default client settings one failed request takes ~4 minutes of retries; the callback
+    must give up within seconds, keep the trial pending and not retry before RETRY_AFTER_S."""
+    for k in HTTP_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cb = MlflowTrialCallback(uri, "dead", None)
+    trial = SimpleNamespace(config={"trial_key": "00001-abc"}, last_result={"score": 1.0})
+    t0 = time.monotonic()
+    cb.on_trial_complete(0, [], trial)
+    first = time.monotonic() - t0
+    trial2 = SimpleNamespace(config={"trial_key": "00002-def"}, last_result={"score": 2.0})
+    t1 = time.monotonic()
+    cb.on_trial_complete(1, [], trial2)
+    second = time.monotonic() - t1
+    assert first < 15, f"the callback blocked the Tune loop for {first:.1f} s"
+    assert second < 1.0 and set(cb._pending) == {"00001-abc", "00002-def"}
+    err = capsys.readouterr().err
+    assert f"MLflow at {uri} is unreachable" in err and "--resume" in err and err.count("unreachable") == 1
+    restored = MlflowTrialCallback.__new__(MlflowTrialCallback)
+    restored.__setstate__(cb.__getstate__())  # pickled into tuner.pkl: only the arguments travel
+    assert restored.args == cb.args and restored._pending == {} and restored._tracker is None
+
+
+def test_partial_child_run_is_replaced_not_duplicated(tmp_path, monkeypatch, capsys):
+    """A child run cut off mid-logging (server killed between create_run and set_terminated) is still
+    RUNNING: the next log_trial replaces it, so the trial ends up in MLflow once, complete. And the
+    callback logs the trials it kept during an outage as soon as the store answers again."""
+    from s3_ray.config import load_config
+    from s3_ray.tracking.mlflow_tracking import KIND_TAG, PARENT_TAG, TRIAL_TAG, Tracker
+    from s3_ray.usf.baselines import build_baseline
+    from s3_ray.usf.noise import VPLinear
+
+    uri, cfg = f"sqlite:///{tmp_path / 'm.db'}", load_config(ROOT / "search_spaces" / "smoke.yaml")
+    t = Tracker(uri, "partial", (tmp_path / "art").as_uri())
+    t.start_parent(cfg.model_dump(mode="json"), "s3")
+    t.client.create_run(t.experiment_id, tags={PARENT_TAG: t.parent_id, TRIAL_TAG: "00001-x", KIND_TAG: "trial"})
+    s = build_baseline("dpm_solver_pp_2m", VPLinear(), 4)
+    config = {"schedule": s.to_json(), "schedule_hash": s.schedule_hash(), "source": "baseline", "nfe": 4, "stage": 0,
+              "samples": 200, "seed": 0}
+    t2 = Tracker(uri, "partial", None)
+    t2.start_parent(cfg.model_dump(mode="json"), "s3")
+    assert t2.logged_trial_ids() == set() and set(t2._partial) == {"00001-x"}
+    assert t2.log_trial("00001-x", config, {"score": 1.5, "fid": 1.5, "seconds": 0.1, "failed": 0})
+    t3 = Tracker(uri, "partial")
+    t3.start_parent(cfg.model_dump(mode="json"), "s3")
+    assert t3.sync_trials([("00001-x", config, {"score": 9.0})]) == 0  # already there, complete
+    runs = t.client.search_runs([t.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '00001-x'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics["score"] == 1.5
+
+    for k in HTTP_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    cb = MlflowTrialCallback(f"http://127.0.0.1:{free_port()}", "partial", None)  # down
+    cb.on_trial_complete(0, [], SimpleNamespace(config={**config, "trial_key": "00002-y"}, last_result={"score": 2.5}))
+    assert set(cb._pending) == {"00002-y"} and cb._down_since is not None
+    cb.args, cb._next_try = (uri, "partial", None), 0.0  # back (the same store, reachable now)
+    assert cb.flush() == 1 and cb._pending == {} and cb._down_since is None
+    assert "reachable again" in capsys.readouterr().err
+    assert t.client.search_runs([t.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '00002-y'")[0].info.status == "FINISHED"
+
+
+def test_search_refuses_to_start_without_its_server(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    space = tmp_path / "space.yaml"
+    space.write_text((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    env = search_env(tmp_path)
+    for k in HTTP_LIMITS:
+        env.pop(k, None)
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(search_cmd(space, tmp_path / "runs", "--mlflow-uri", uri), env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        stop_test_ray(tmp_path)  # none should have started; removes the test's Ray temp dir
+    assert r.returncode == 2 and f"cannot reach MLflow at {uri}" in r.stderr, r.stderr[-2000:]
+    assert "s3 mlflow-server" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60
+
+
+# ---- slow: a real server killed and restarted during a real search -------------------------------
+
+def _space(tmp):
+    data = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    # bigger samples: ~3-4 s per trial here, so the search outlasts the outage (~25-35 s)
+    data.update(name="outage", budget=BUDGET, concurrency=1, metric={**data["metric"], "samples": [5000]})
+    path = tmp / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _trial_runs(uri):
+    c = _client(uri)
+    exp = c.get_experiment_by_name("outage")
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string="tags.`s3.kind` = 'trial'", max_results=1000)
+
+
+def _count(uri):
+    try:
+        return len(_trial_runs(uri))
+    except Exception:  # noqa: BLE001
+        return -1
+
+
+@pytest.mark.slow
+def test_search_survives_mlflow_outage(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's own polling: fail fast
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    port, store = free_port(), tmp_path / "mlflow"
+    uri = f"http://127.0.0.1:{port}"
+    env = search_env(tmp_path)
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        env.pop(k, None)  # the search uses its own bounds
+    out, err = tmp_path / "search.out", tmp_path / "search.err"
+    srv = server.start_server("127.0.0.1", port, store, log=tmp_path / "mlflow-1.log")
+    search = cli = None
+    t0 = time.monotonic()
+    try:
+        assert server.wait_healthy(uri, 150, srv), (tmp_path / "mlflow-1.log").read_text()[-3000:]
+        t_up = time.monotonic() - t0
+        with open(out, "w") as o, open(err, "w") as e:
+            search = subprocess.Popen(search_cmd(_space(tmp_path), tmp_path / "runs", "--mlflow-uri", uri), env=env,
+                                      cwd=tmp_path, stdout=o, stderr=e, start_new_session=True)
+        assert wait_for(lambda: _count(uri) >= 3 or search.poll() is not None, timeout=240), "no trial logged"
+        before = _count(uri)
+        assert search.poll() is None, "the search ended before the outage: " + err.read_text()[-2000:]
+        server.stop_server(srv, sig=signal.SIGKILL)  # the outage: the server's whole process group
+        t_kill = time.monotonic()
+        assert not server.is_healthy(uri)
+        time.sleep(10)
+        log2 = open(tmp_path / "mlflow-2.log", "w")  # noqa: SIM115
+        cli = subprocess.Popen([sys.executable, "-m", "s3_ray.cli", "mlflow-server", "--port", str(port), "--runs",
+                                str(store)], stdout=log2, stderr=subprocess.STDOUT, start_new_session=True)
+        log2.close()
+        assert wait_for(lambda: "MLflow server ready at" in (tmp_path / "mlflow-2.log").read_text()
+                        or cli.poll() is not None, timeout=150)
+        assert cli.poll() is None, (tmp_path / "mlflow-2.log").read_text()[-3000:]
+        t_back = time.monotonic()
+        search.wait(timeout=300)
+        t_end = time.monotonic()
+        text = out.read_text() + err.read_text()
+        assert search.returncode == 0, text[-4000:]
+        runs = _trial_runs(uri)
+        assert 3 <= before < BUDGET
+        ids = [r.data.tags["s3.trial_id"] for r in runs]
+        assert len(runs) == BUDGET and len(set(ids)) == BUDGET, sorted(ids)
+        assert all(r.info.status in ("FINISHED", "FAILED") and "score" in r.data.metrics for r in runs)
+        assert f"MLflow at {uri} is unreachable" in text and "--resume" in text
+        # the pending trials went in when the server came back: at a later trial's end, when the trials
+        # ended, or after the final evaluation (which one depends on how fast this machine is today)
+        synced = re.search(r"\((\d+) synced to MLflow at the end\)", text)
+        assert "reachable again" in text or "MLflow is back" in text or (synced and int(synced[1]) > 0), text[-3000:]
+        assert "| NFE | S3 FID | best baseline" in text and f"browse: {uri}" in text
+        print(f"\ntimings: server up {t_up:.0f} s, outage {t_back - t_kill:.0f} s, search after restart "
+              f"{t_end - t_back:.0f} s, total {t_end - t0:.0f} s")
+    finally:
+        if search is not None and search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait(timeout=30)
+        stop_test_ray(tmp_path)
+        server.stop_server(srv, sig=signal.SIGKILL)
+        if cli is not None:
+            cli.send_signal(signal.SIGTERM)  # `s3 mlflow-server` stops its own server group
+            try:
+                cli.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(cli.pid, signal.SIGKILL)
+                cli.wait(timeout=10)
+    assert cli.returncode == 0 and not server.is_healthy(uri)
+    assert wait_for(lambda: not server.port_in_use("127.0.0.1", port), timeout=20), "the server outlived its CLI"
