@@ -179,24 +179,15 @@ class SearchConfig(_Cfg):
             raise ValueError(f"distinct positive NFE values required, got {list(v)}")
         return tuple(sorted(v))
 
-    @field_validator("baselines")
+    @field_validator("baselines", "discretizations")
     @classmethod
-    def _baselines(cls, v):
-        from s3_ray.usf.baselines import BASELINES
+    def _known(cls, v, info):
+        from s3_ray.usf.baselines import BASELINES, DISCRETIZATIONS
 
-        bad = [b for b in v if b not in BASELINES]
+        known = BASELINES if info.field_name == "baselines" else DISCRETIZATIONS
+        bad = [b for b in v if b not in known]
         if bad:
-            raise ValueError(f"unknown baseline(s) {bad} (known: {', '.join(BASELINES)})")
-        return v
-
-    @field_validator("discretizations")
-    @classmethod
-    def _disc(cls, v):
-        from s3_ray.usf.baselines import DISCRETIZATIONS
-
-        bad = [d for d in v if d not in DISCRETIZATIONS]
-        if bad:
-            raise ValueError(f"unknown discretization(s) {bad} (known: {', '.join(DISCRETIZATIONS)})")
+            raise ValueError(f"unknown value(s) {bad} (known: {', '.join(known)})")
         return v
 
 

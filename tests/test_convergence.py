@@ -25,6 +25,8 @@ EXPECTED = {
     "unipc_bh1": 3,
     "unipc_bh2": 3,
     "dpm_solver_3s": 3,
+    "dpm_solver_2s": 2,
+    "dpm_solver_pp_2s": 2,
 }
 STEPS = [32, 64, 128, 256]
 
