@@ -43,7 +43,7 @@ def run_one(args) -> dict:
     from ray.tune.search import Searcher
 
     from s3_ray.metrics.evaluate import evaluate, get_target
-    from s3_ray.search.searcher import S3Searcher
+    from s3_ray.search.searcher import S3Searcher, predictor_quality
     from s3_ray.usf.schedule import SolverSchedule
 
     cfg = _config(nfe, budget, seed, samples)
@@ -62,7 +62,7 @@ def run_one(args) -> dict:
             best = (r["score"], c["schedule"])
         trace.append(best)
     return {"algo": algo, "seed": seed, "trace": trace, "seconds": time.time() - start,
-            "taus": searcher.taus}
+            "taus": predictor_quality(searcher.get_state())}
 
 
 def fresh_score(args) -> float:

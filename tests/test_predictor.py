@@ -194,3 +194,36 @@ def test_fit_without_pairs_and_with_failed_scores():
     pool += [build_baseline("dpm_solver_pp_2m", noise, n) for n in (4, 5, 6)]
     p.fit(pool, [np.nan, 2.0, np.inf, 0.5, 1.0, 3.0])
     assert p.n_pairs == 3 and np.all(np.isfinite(p.predict(pool)))
+
+
+def test_encoding_cache_gives_the_same_predictor(evaluated):
+    noise, pool, scores = evaluated
+    cfg = PredictorConfig(epochs=40)
+    cache: dict = {}
+    plain = Predictor(cfg, noise, seed=1).fit(pool[:60], scores[:60])
+    cached = Predictor(cfg, noise, seed=1, encoding_cache=cache).fit(pool[:60], scores[:60])
+    assert len(cache) == len({s.schedule_hash() for s in pool[:60]})
+    np.testing.assert_array_equal(plain.predict(pool[60:]), cached.predict(pool[60:]))
+    assert len(cache) == len({s.schedule_hash() for s in pool})  # predict filled in the rest
+
+
+def test_hand_written_adam_matches_torch_adam():
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 3, generator=g), torch.randn(5, generator=g)]
+    x = torch.randn(7, 3, generator=g)
+
+    def loss(w, b):
+        return torch.tanh(x @ w.T + b).square().sum()
+
+    ours_p = [t.clone().requires_grad_(True) for t in init]
+    ref_p = [t.clone().requires_grad_(True) for t in init]
+    ours = P._Adam(ours_p, lr=3e-3, weight_decay=0.03)
+    ref = torch.optim.Adam(ref_p, lr=3e-3, weight_decay=0.03)
+    for _ in range(50):
+        ours.step(torch.autograd.grad(loss(*ours_p), ours_p))
+        ref.zero_grad()
+        loss(*ref_p).backward()
+        ref.step()
+    for p, q in zip(ours_p, ref_p):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours_p[0].detach(), init[0])  # it did move

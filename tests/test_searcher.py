@@ -3,12 +3,14 @@ analytic Gaussian-mixture model against a high-accuracy solve from the same nois
 
 import json
 
+import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
 from s3_ray.config import parse_config
 from s3_ray.metrics.evaluate import evaluate, get_target
-from s3_ray.search.searcher import S3Searcher
+from s3_ray.search.predictor import heldout_tau
+from s3_ray.search.searcher import S3Searcher, predictor_quality
 from s3_ray.usf.schedule import SolverSchedule
 
 CFG = {
@@ -56,6 +58,20 @@ def test_loop_improves_on_seeded_baselines():
         found = min(r["score"] for r in s.results if r["nfe"] == nfe and r["source"] == "predictor")
         print(f"NFE {nfe}: best baseline RMSE {base:.4f}, best searched {found:.4f}, taus {s.taus}")
         assert found < base
+
+    # Predictor quality is measured after the search; the held-out tau is the one a predictor
+    # trained like each stage's gets on a split of exactly that stage's training set.
+    quality = predictor_quality(json.loads(json.dumps(s.get_state())))
+    assert [q["stage"] for q in quality] == [0, 1]
+    ordered = sorted(s.results, key=lambda r: r["index"])
+    for q in quality:
+        trained = ordered[: q["n_train"]]
+        np.testing.assert_equal(q["kendall_tau"], heldout_tau([SolverSchedule.from_json(r["schedule"]) for r in trained],
+                                               [r["score"] for r in trained], cfg.predictor, s.noise,
+                                               seed=cfg.seed + q["stage"]))
+        assert q["n_evaluated"] == q["chosen"] > 0
+        assert -1 <= q["proposal_tau"] <= 1
+    print("predictor quality", quality)
 
 
 @pytest.mark.parametrize("algo", ["s3", "evolution", "random", "optuna-tpe"])

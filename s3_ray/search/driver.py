@@ -134,14 +134,18 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
 
 
 def _searcher_taus(tune_dir: Path) -> list[dict]:
-    """Per-stage predictor quality from the searcher's last saved state (JSON despite Tune's name)."""
+    """Per-stage predictor quality (``predictor_quality``) from the searcher's last saved state
+    (JSON despite Tune's file name); [] if there is none."""
     files = sorted(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
     if not files:
         return []
+    from s3_ray.search.searcher import predictor_quality
+
     try:
-        return json.loads(files[-1].read_text()).get("taus", [])
+        state = json.loads(files[-1].read_text())
     except (OSError, ValueError):
         return []
+    return predictor_quality(state)
 
 
 def _first_line(e: Exception) -> str:
@@ -256,8 +260,10 @@ def summary_markdown(summary: dict) -> str:
                      f"{summary['converged']:.3f} |")
     taus = [t for t in summary.get("predictor_tau", []) if t.get("kendall_tau") is not None]
     if taus:
-        lines += ["", "Predictor Kendall tau on held-out evaluated schedules, per stage: " +
-                  ", ".join(f"stage {t['stage']}: {t['kendall_tau']:.2f} (n={t['n_train']})" for t in taus)]
+        lines += ["", "Predictor Kendall tau per stage, held-out split of its training set / its own proposals once "
+                  "evaluated: " + ", ".join(f"stage {t['stage']}: {t['kendall_tau']:.2f} (n={t['n_train']}) / "
+                                            f"{t.get('proposal_tau', float('nan')):.2f} (n={t.get('n_evaluated', 0)})"
+                                            for t in taus)]
     return "\n".join(lines) + "\n"
 
 
@@ -273,8 +279,8 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
                 metrics.append(Metric(f"best_nfe{r['nfe']}", r["searched"], 0, 0))
             metrics.append(Metric(f"baseline_nfe{r['nfe']}", r["best_baseline_score"], 0, 0))
         metrics.append(Metric("converged", summary["converged"], 0, 0))
-        metrics += [Metric("kendall_tau", t["kendall_tau"], 0, t["stage"]) for t in summary.get("predictor_tau", [])
-                    if t.get("kendall_tau") is not None and t["kendall_tau"] == t["kendall_tau"]]
+        metrics += [Metric(key, t[key], 0, t["stage"]) for t in summary.get("predictor_tau", [])
+                    for key in ("kendall_tau", "proposal_tau") if t.get(key) is not None and t[key] == t[key]]
         tracker.client.log_batch(parent_id, metrics=metrics)
         fid_vs_nfe_plot(summary, run_dir / "score_vs_nfe.png")
         schedule_diagram(sorted((run_dir / "best").glob("nfe*.json")), run_dir / "schedules.png")

@@ -323,13 +323,43 @@ def ranking_pairs(nfes, scores, max_pairs: int | None = None, rng: np.random.Gen
 # the model
 
 
+class _Adam:
+    """Adam with L2 weight decay, the update of ``torch.optim.Adam(params, lr, weight_decay=wd)``.
+    Written out because constructing ``torch.optim.Adam`` imports ``torch._dynamo`` (measured:
+    1.5-3 s on the search driver's first stage, while every worker waits) and its per-step
+    wrappers cost more than this small network's step."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if self.wd:
+                g = g.add(p, alpha=self.wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+
+
 class Predictor:
     """Ranks schedules: ``predict`` returns a score where lower = predicted better."""
 
     max_pairs = 50_000  # pairs per fit (subsampled, seeded, beyond this)
 
-    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None):
+    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None,
+                 encoding_cache: dict | None = None):
+        """``encoding_cache`` (schedule hash -> input vector) may be shared by predictors with the
+        same noise schedule, ``max_steps`` and probes setting, e.g. across a search's stages."""
         self.cfg = cfg
+        self.encoding_cache = encoding_cache
         self.noise = noise
         self.seed = int(seed)
         self.probes = cfg.probes if probes is None else bool(probes)
@@ -406,6 +436,16 @@ class Predictor:
         self.mean = np.concatenate([np.tile(sm, S), gm]).astype(np.float32)
         self.std = np.concatenate([np.tile(ss, S), gs]).astype(np.float32)
 
+    def _encode(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
+        if self.encoding_cache is None or not schedules:
+            return encode_many(schedules, self.noise, self.cfg.max_steps, self.probes)
+        keys = [s.schedule_hash() for s in schedules]
+        missing = {k: s for k, s in zip(keys, schedules) if k not in self.encoding_cache}
+        if missing:
+            x = encode_many(list(missing.values()), self.noise, self.cfg.max_steps, self.probes)
+            self.encoding_cache.update(zip(missing, x))
+        return np.stack([self.encoding_cache[k] for k in keys])
+
     # ---- training ---------------------------------------------------------------------------
     def fit(self, schedules: Sequence[SolverSchedule], scores) -> Predictor:
         """Train from scratch on (schedule, score) pairs; lower score = better. Deterministic."""
@@ -413,7 +453,7 @@ class Predictor:
         scores = np.asarray(scores, dtype=np.float64)
         if len(schedules) != scores.shape[0]:
             raise ValueError(f"{len(schedules)} schedules but {scores.shape[0]} scores")
-        x = encode_many(schedules, self.noise, self.cfg.max_steps, self.probes)
+        x = self._encode(schedules)
         self._standardise_from(x)
         rng = np.random.default_rng(self.seed)
         nfes = np.array([s.nfe() for s in schedules], dtype=np.int64)
@@ -430,15 +470,13 @@ class Predictor:
         pw = torch.from_numpy(np.abs(r[wi] - r[bi]).astype(np.float32))
         pw = pw / pw.mean()
         params = [p.clone().requires_grad_(True) for p in self.params]
-        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        adam = _Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         for _ in range(self.cfg.epochs):
-            opt.zero_grad(set_to_none=True)
             f = self._forward(inputs, params)
             # want f[better] < f[worse]: logistic loss on the margin
             lp = torch.nn.functional.softplus(f[bt] - f[wt])
             loss = (lp * pw).mean()
-            loss.backward()
-            opt.step()
+            adam.step(torch.autograd.grad(loss, params))
         self.final_loss = float(loss.detach())
         self.params = [p.detach().clone() for p in params]
         return self
@@ -450,7 +488,7 @@ class Predictor:
         if not schedules:
             return np.zeros(0, dtype=np.float64)
         with torch.no_grad():
-            x = encode_many(schedules, self.noise, self.cfg.max_steps, self.probes)
+            x = self._encode(schedules)
             return self._forward(self._inputs(x), self.params).double().numpy()
 
     # ---- state ------------------------------------------------------------------------------

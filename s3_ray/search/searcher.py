@@ -50,10 +50,11 @@ class S3Searcher(Searcher):
         self.n_suggested = 0
         self.stage = -1  # -1: seed phase
         self.stage_budgets = []
-        self.taus: list[dict] = []  # predictor quality per stage
+        self.taus: list[dict] = []  # per stage: training set size, candidates, chosen
         self._eval_settings = {"model": config.model.model_dump_json(), "metric": config.metric.model_dump_json()}
         self.trial_settings: dict = {}  # extra keys for every trial config (the driver sets the result cache)
         self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
+        self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
@@ -111,25 +112,27 @@ class S3Searcher(Searcher):
         return out
 
     def _plan_stage(self):
-        """Retrain the predictor, rank many mutants, queue the top ones of this stage."""
-        from s3_ray.search.predictor import Predictor, heldout_tau
+        """Retrain the predictor, rank many mutants, queue the top ones of this stage.
+
+        This runs while no trial is in flight, so it does only what the proposals need; the
+        predictor's quality is measured after the search (``predictor_quality``)."""
+        from s3_ray.search.predictor import Predictor
 
         self.stage += 1
         budget = self.stage_budgets[self.stage]
         results = self._ordered_results()
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
         scores = [r["score"] for r in results]
-        pcfg = self.cfg.predictor
-        tau = heldout_tau(schedules, scores, pcfg, self.noise, seed=self.cfg.seed + self.stage)
-        predictor = Predictor(pcfg, self.noise, seed=self.cfg.seed + self.stage)
+        predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + self.stage,
+                              encoding_cache=self._encodings)
         predictor.fit(schedules, scores)
-        cands = self._mutants(max(pcfg.candidates, budget), self.stage, "predictor")
+        cands = self._mutants(max(self.cfg.predictor.candidates, budget), self.stage, "predictor")
         for c in cands:  # only the chosen ones stay "seen"
             self.seen.discard(c["schedule_hash"])
         pred = predictor.predict([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else []
         by_nfe = defaultdict(list)
         for c, p in zip(cands, pred):
-            by_nfe[c["nfe"]].append((float(p), c))
+            by_nfe[c["nfe"]].append((float(p), {**c, "predicted": float(p)}))
         for group in by_nfe.values():
             group.sort(key=lambda pc: pc[0])
         # Round-robin over NFEs, best predicted first, so every NFE gets its share.
@@ -142,8 +145,8 @@ class S3Searcher(Searcher):
         for c in chosen:
             self.seen.add(c["schedule_hash"])
         self.queue.extend(chosen)
-        self.taus.append({"stage": self.stage, "kendall_tau": tau, "n_train": len(schedules),
-                          "candidates": len(cands), "chosen": len(chosen)})
+        self.taus.append({"stage": self.stage, "n_train": len(schedules), "candidates": len(cands),
+                          "chosen": len(chosen)})
 
     # ---- the Searcher protocol -------------------------------------------------------------------
     def suggest(self, trial_id: str):
@@ -226,6 +229,7 @@ class S3Searcher(Searcher):
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
+        self._encodings = {}
         if self.tpe is not None:
             self.tpe.set_state(state["tpe"])
         self._eval_settings = {"model": self.cfg.model.model_dump_json(), "metric": self.cfg.metric.model_dump_json()}
@@ -239,3 +243,31 @@ class S3Searcher(Searcher):
     def restore(self, path: str):
         with open(path) as f:
             self.set_state(json.load(f))
+
+
+def predictor_quality(state: dict) -> list[dict]:
+    """Per-stage predictor quality from a searcher state (``get_state()`` or its saved JSON),
+    measured after the search so that no trial waits for it. For stage k:
+
+    - ``kendall_tau``: held-out Kendall tau of a predictor trained like stage k's (same settings and
+      seed) on a seeded, NFE-stratified 75 % of the results stage k trained on, tested on the rest;
+    - ``proposal_tau``: tau between stage k's predictions for the schedules it chose and their
+      measured scores (schedules that predictor never saw; all of them top-ranked candidates).
+    Both are means of per-NFE taus weighted by group size (NaN where no group has 3 items)."""
+    from s3_ray.search.predictor import heldout_tau, per_nfe_tau
+
+    cfg = SearchConfig.model_validate(state["config"])
+    if state.get("algo") != "s3":
+        return []
+    noise = get_noise_schedule(cfg.model.noise_schedule)
+    results = sorted(state["results"], key=lambda r: r["index"])
+    out = []
+    for t in state["taus"]:
+        k, trained = t["stage"], results[: t["n_train"]]
+        tau = heldout_tau([SolverSchedule.from_json(r["schedule"]) for r in trained], [r["score"] for r in trained],
+                          cfg.predictor, noise, seed=cfg.seed + k)
+        own = [r for r in results if r.get("stage") == k and "predicted" in r]
+        ptau = per_nfe_tau(np.array([r["nfe"] for r in own]), np.array([r["predicted"] for r in own]),
+                           np.array([r["score"] for r in own])) if own else float("nan")
+        out.append({**t, "kendall_tau": float(tau), "proposal_tau": float(ptau), "n_evaluated": len(own)})
+    return out
