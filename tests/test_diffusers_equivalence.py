@@ -23,8 +23,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from s3_ray.models.analytic import GaussianMixture
