@@ -20,11 +20,14 @@ with probes, 0.4-0.5 without (``probes=False``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.integrate import solve_ivp
+from scipy.stats import kendalltau, rankdata
 
 from s3_ray.config import PredictorConfig
 from s3_ray.usf.noise import NoiseSchedule
@@ -205,10 +208,6 @@ def _probe_reference(noise: NoiseSchedule, t_start: float, t_end: float) -> np.n
     """Reference solution of the probes' probability-flow ODE at t_end: DOP853 in lambda (tight
     tolerances) with dense output, computed once per (noise schedule, t_start) and extended only
     when a schedule ends beyond the solved range."""
-    import json
-
-    from scipy.integrate import solve_ivp
-
     key = (json.dumps(noise.spec(), sort_keys=True, default=str), float(t_start))
     lam_end = float(noise.lambda_(t_end))
     hit = _PROBE_REFERENCE.get(key)
@@ -285,8 +284,6 @@ def clean_scores(scores) -> np.ndarray:
 
 def _group_ranks(nfes, scores) -> np.ndarray:
     """Rank of each score within its NFE group, scaled to [0, 1] (ties share the mean rank)."""
-    from scipy.stats import rankdata
-
     nfes, s = np.asarray(nfes), clean_scores(scores)
     out = np.zeros(s.size)
     for v in np.unique(nfes):
@@ -540,8 +537,6 @@ class Predictor:
 def kendall_tau(predicted, true) -> float:
     """Kendall tau-b between predicted and true scores (non-finite true scores count as worst).
     0.0 where it is undefined (fewer than 2 items or a constant input)."""
-    from scipy.stats import kendalltau
-
     p = np.asarray(predicted, dtype=np.float64)
     t = clean_scores(true)
     if p.size < 2:

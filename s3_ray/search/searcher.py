@@ -23,6 +23,7 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from s3_ray.config import SearchConfig
+from s3_ray.search.predictor import Predictor, heldout_tau, per_nfe_tau
 from s3_ray.search.space import propose, random_schedule_at_nfe
 from s3_ray.search.tpe import TPEProposer
 from s3_ray.usf.baselines import build_baseline
@@ -116,8 +117,6 @@ class S3Searcher(Searcher):
 
         This runs while no trial is in flight, so it does only what the proposals need; the
         predictor's quality is measured after the search (``predictor_quality``)."""
-        from s3_ray.search.predictor import Predictor
-
         self.stage += 1
         budget = self.stage_budgets[self.stage]
         results = self._ordered_results()
@@ -254,8 +253,6 @@ def predictor_quality(state: dict) -> list[dict]:
     - ``proposal_tau``: tau between stage k's predictions for the schedules it chose and their
       measured scores (schedules that predictor never saw; all of them top-ranked candidates).
     Both are means of per-NFE taus weighted by group size (NaN where no group has 3 items)."""
-    from s3_ray.search.predictor import heldout_tau, per_nfe_tau
-
     cfg = SearchConfig.model_validate(state["config"])
     if state.get("algo") != "s3":
         return []
