@@ -68,6 +68,11 @@ def test_smoke_search_end_to_end(tmp_path):
     assert len(trials) == cfg.budget and all(t["status"] == "TERMINATED" for t in trials)
 
 
+def finished(runs):
+    """Child runs whose logging is complete (a run is created RUNNING, then filled and terminated)."""
+    return [x for x in runs if x.info.status != "RUNNING"]
+
+
 def test_driver_killed_then_resumed(tmp_path):
     space = write_space(tmp_path, name="resume", budget=14, concurrency=1)
     env = search_env(tmp_path)
@@ -76,11 +81,11 @@ def test_driver_killed_then_resumed(tmp_path):
     proc = subprocess.Popen(search_cmd(space, runs_root), env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: len(trial_runs(db, "resume")) >= 5, timeout=300), "no progress"
-        before = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in trial_runs(db, "resume")}
+        assert wait_for(lambda: len(finished(trial_runs(db, "resume"))) >= 5, timeout=300), "no progress"
+        before = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in finished(trial_runs(db, "resume"))}
+    finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)
-    finally:
         stop_test_ray(tmp_path)  # its local Ray, by PID
     assert len(before) < 14
     r = run(search_cmd(space, runs_root, "--resume"), env, tmp_path)
