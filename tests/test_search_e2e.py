@@ -78,13 +78,21 @@ def test_driver_killed_then_resumed(tmp_path):
     env = search_env(tmp_path)
     runs_root = tmp_path / "runs"
     db = runs_root / "resume" / "mlflow.db"
-    proc = subprocess.Popen(search_cmd(space, runs_root), env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(search_cmd(space, runs_root), env=env, cwd=tmp_path, start_new_session=True,
+                                stdout=f, stderr=subprocess.STDOUT)
     try:
-        assert wait_for(lambda: len(finished(trial_runs(db, "resume"))) >= 5, timeout=300), "no progress"
+        # Open the store only once the driver has created it (its tune/ dir comes later): two processes
+        # initialising one new sqlite store race in MLflow's schema migration (measured: the driver's fails).
+        tune_dir = runs_root / "resume" / "tune"
+        progress = wait_for(lambda: proc.poll() is not None
+                            or (tune_dir.exists() and len(finished(trial_runs(db, "resume"))) >= 5), timeout=300)
+        assert progress and proc.poll() is None, f"no progress; driver exit code {proc.poll()}:\n{log.read_text()[-3000:]}"
         before = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in finished(trial_runs(db, "resume"))}
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)
         stop_test_ray(tmp_path)  # its local Ray, by PID
     assert len(before) < 14
