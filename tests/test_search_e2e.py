@@ -114,9 +114,12 @@ def test_driver_killed_then_resumed(tmp_path):
 def test_bad_space_and_missing_resume_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nbudget: -3\nmetric: {kind: fid, samples: []}\n")
-    r = run(search_cmd(bad, tmp_path / "runs"), search_env(tmp_path), tmp_path)
-    assert r.returncode == 2 and "budget: Input should be greater than or equal to 1" in r.stderr
-    assert "metric.samples" in r.stderr and "Traceback" not in r.stderr
-    space = write_space(tmp_path, name="never")
-    r = run(search_cmd(space, tmp_path / "runs", "--resume"), search_env(tmp_path), tmp_path)
-    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    try:
+        r = run(search_cmd(bad, tmp_path / "runs"), search_env(tmp_path), tmp_path)
+        assert r.returncode == 2 and "budget: Input should be greater than or equal to 1" in r.stderr
+        assert "metric.samples" in r.stderr and "Traceback" not in r.stderr
+        space = write_space(tmp_path, name="never")
+        r = run(search_cmd(space, tmp_path / "runs", "--resume"), search_env(tmp_path), tmp_path)
+        assert r.returncode == 2 and "nothing to resume" in r.stderr
+    finally:
+        stop_test_ray(tmp_path)  # no Ray should have started; removes the test's Ray temp dir
