@@ -253,16 +253,17 @@ def predictor_quality(state: dict) -> list[dict]:
     - ``proposal_tau``: tau between stage k's predictions for the schedules it chose and their
       measured scores (schedules that predictor never saw; all of them top-ranked candidates).
     Both are means of per-NFE taus weighted by group size (NaN where no group has 3 items)."""
-    cfg = SearchConfig.model_validate(state["config"])
     if state.get("algo") != "s3":
         return []
+    cfg = SearchConfig.model_validate(state["config"])
     noise = get_noise_schedule(cfg.model.noise_schedule)
     results = sorted(state["results"], key=lambda r: r["index"])
+    encodings: dict = {}  # the stages' training sets overlap: encode each schedule once
     out = []
     for t in state["taus"]:
         k, trained = t["stage"], results[: t["n_train"]]
         tau = heldout_tau([SolverSchedule.from_json(r["schedule"]) for r in trained], [r["score"] for r in trained],
-                          cfg.predictor, noise, seed=cfg.seed + k)
+                          cfg.predictor, noise, seed=cfg.seed + k, encoding_cache=encodings)
         own = [r for r in results if r.get("stage") == k and "predicted" in r]
         ptau = per_nfe_tau(np.array([r["nfe"] for r in own]), np.array([r["predicted"] for r in own]),
                            np.array([r["score"] for r in own])) if own else float("nan")
