@@ -26,6 +26,12 @@ from s3_ray.usf.schedule import SolverSchedule
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m_exact", 100)  # high-accuracy reference solve: builder, NFE
 MODEL_REFERENCE_SEED = 1_000_003  # noise seed of the 'model' reference set, distinct from search seeds
+# Samples per network batch: 1,000-sample trials ran 1.18x (one process) / 1.16x (two at once) as
+# fast here, 1.26x / 1.10x on a 16-core machine, as with one batch of 1,000
+# (benchmarks/results/trial_throughput*.md; the digits UNet's activations for 256 samples take 1-2
+# MB, about a core's L2 cache). Every sample is solved independently, so chunking does not change
+# the result beyond float rounding.
+SAMPLE_CHUNK = 256
 
 
 class Target:
@@ -67,9 +73,12 @@ class Target:
         return torch.randn((n, *self.shape), generator=g, dtype=self.dtype) * float(self.noise.sigma(self.noise.T))
 
     @torch.no_grad()
-    def sample(self, schedule: SolverSchedule, n: int, seed: int) -> torch.Tensor:
+    def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None) -> torch.Tensor:
+        """``n`` samples from noise seed ``seed``, solved ``chunk`` (default ``SAMPLE_CHUNK``) at a time."""
         plan = SamplerPlan(schedule, self.noise)
-        return plan.run(self.model, self.noise_batch(n, seed), data_mean=self.data_mean.to(self.dtype))
+        mean = self.data_mean.to(self.dtype)
+        x_T = self.noise_batch(n, seed).split(chunk or SAMPLE_CHUNK)
+        return torch.cat([plan.run(self.model, x, data_mean=mean) for x in x_T])
 
     def reference_solution(self, n: int, seed: int) -> torch.Tensor:
         """High-accuracy solve from the same noise (for the RMSE proxy), cached per process."""
