@@ -160,6 +160,10 @@ class SearchConfig(_Cfg):
     nfe: tuple[int, ...] = Field(default=(5,), description="NFE values searched jointly")
     budget: int = Field(default=100, ge=1, description="true evaluations in total")
     stages: int = Field(default=3, ge=1)
+    plan_ahead: int = Field(default=0, ge=0, description=(
+        "0: a stage is planned once every earlier result is in (workers wait meanwhile); k > 0: it is "
+        "planned in the background as soon as all but the previous stage's last k results are in "
+        "(its first one at least), and those k count from the stage after"))
     random_init: int = Field(default=10, ge=0, description="random schedules per NFE before the first stage")
     operators: OperatorConfig = OperatorConfig()
     decisions: DecisionSpace = DecisionSpace()

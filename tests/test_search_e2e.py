@@ -37,7 +37,8 @@ def nan_schedule(path: Path) -> Path:
 
 
 def test_smoke_search_end_to_end(tmp_path):
-    space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))])
+    # plan_ahead 1: each stage is planned in the background while the previous stage's last trial runs
+    space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))], plan_ahead=1)
     env = search_env(tmp_path)
     try:
         r = run(search_cmd(space, tmp_path / "runs"), env, tmp_path)
@@ -66,6 +67,10 @@ def test_smoke_search_end_to_end(tmp_path):
     # Tune's own results: every trial once, all terminated
     trials = tune_trials(run_dir / "tune")
     assert len(trials) == cfg.budget and all(t["status"] == "TERMINATED" for t in trials)
+    # each stage trained on every result but the previous stage's last one
+    state = json.loads(max((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())
+    starts = [min(r["index"] for r in state["results"] if r["stage"] == k) for k in range(cfg.stages)]
+    assert [t["n_train"] for t in state["taus"]] == [start - 1 for start in starts]
 
 
 def finished(runs):

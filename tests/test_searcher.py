@@ -117,3 +117,84 @@ def test_failed_trials_get_worst_score():
     s.on_trial_complete("c", {"score": 0.5, "failed": 0})
     worst = cfg.metric.worst_score
     assert [(r["score"], r["failed"]) for r in s.results] == [(worst, True), (worst, True), (0.5, False)]
+
+
+def run_concurrent(searcher, workers: int, order_seed: int, stop_when=None):
+    """Tune-like loop with up to ``workers`` trials in flight, completed in a seeded random order;
+    a stage planned ahead is sometimes awaited before the next completion, sometimes not.
+    Returns (overlapped: a trial was suggested while one of an earlier stage was in flight,
+    in-flight trial configs when ``stop_when(searcher)`` became true, else None)."""
+    rng = np.random.default_rng(order_seed)
+    target, inflight, overlapped, finished = None, {}, False, False
+    while True:
+        while not finished and len(inflight) < workers:
+            tid = f"t{searcher.n_suggested:04d}"
+            cfg = searcher.suggest(tid)
+            if cfg == Searcher.FINISHED:
+                finished = True
+            if not isinstance(cfg, dict):
+                break
+            overlapped |= any(p["stage"] < cfg["stage"] for p in inflight.values())
+            inflight[tid] = cfg
+        if stop_when is not None and stop_when(searcher):
+            return overlapped, inflight
+        if not inflight:
+            if finished:
+                return overlapped, None
+            assert searcher._plan_job is not None, "nothing in flight: only a stage being planned may hold it up"
+            searcher._plan_job[0].result()
+            continue
+        if searcher._plan_job is not None and rng.random() < 0.5:
+            searcher._plan_job[0].result()
+        tid = str(rng.choice(sorted(inflight)))
+        cfg = inflight.pop(tid)
+        target = target or get_target(cfg["model"], cfg["metric"])
+        searcher.on_trial_complete(tid, evaluate(SolverSchedule.from_json(cfg["schedule"]), target,
+                                                 n=cfg["samples"], seed=cfg["seed"]))
+
+
+def _trace(searcher):
+    return [(r["index"], r["schedule_hash"], r["stage"]) for r in sorted(searcher.results, key=lambda r: r["index"])]
+
+
+@pytest.mark.parametrize("plan_ahead", [0, 5, 100])
+def test_plan_ahead_is_independent_of_completion_order(plan_ahead):
+    """With trials in flight concurrently, the proposals (and hence the whole search) do not depend
+    on the order results arrive in; with plan_ahead > 0 later stages start while earlier trials
+    still run, and each stage trains on all but the previous phase's last plan_ahead results (but
+    on that phase's first result at least)."""
+    cfg = parse_config({**CFG, "plan_ahead": plan_ahead})
+    runs = []
+    for order_seed in (1, 2):
+        s = S3Searcher(cfg)
+        overlapped, _ = run_concurrent(s, workers=3, order_seed=order_seed)
+        assert len(s.results) == cfg.budget
+        runs.append((overlapped, _trace(s), s.taus))
+    assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+    trace, taus = runs[0][1], runs[0][2]
+    stage_start = [min(i for i, _, st in trace if st == k) for k in range(cfg.stages)]
+    phase_start = [0, *stage_start[:-1]]
+    assert [t["n_train"] for t in taus] == [max(start - plan_ahead, prev + 1)
+                                            for prev, start in zip(phase_start, stage_start)]
+    assert runs[0][0] == runs[1][0] == (plan_ahead > 0)
+
+
+def test_plan_ahead_restored_mid_planning_continues_the_same_search(tmp_path):
+    """A state saved while the next stage is being planned (the driver killed then) replans it
+    identically after restore: the search ends with the same trials as an uninterrupted one."""
+    cfg = parse_config({**CFG, "plan_ahead": 5})
+    whole = S3Searcher(cfg)
+    run_concurrent(whole, workers=3, order_seed=1)
+    a = S3Searcher(cfg)
+    _, inflight = run_concurrent(a, workers=3, order_seed=4, stop_when=lambda s: s._plan_job is not None)
+    assert inflight, "stopped while trials of the current stage were still running"
+    path = tmp_path / "searcher.json"
+    a.save(str(path))
+    b = S3Searcher(cfg)
+    b.restore(str(path))
+    assert b._plan_job is None and set(b.pending) == set(inflight)
+    target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
+    for tid, c in inflight.items():  # Tune resumes the in-flight trials and reports them to the restored searcher
+        b.on_trial_complete(tid, evaluate(SolverSchedule.from_json(c["schedule"]), target, n=c["samples"], seed=c["seed"]))
+    run_concurrent(b, workers=3, order_seed=5)
+    assert _trace(b) == _trace(whole) and b.taus == whole.taus

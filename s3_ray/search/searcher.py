@@ -14,10 +14,13 @@ evaluation settings (model and metric configs, sample count, noise seed).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import numpy as np
 from ray.tune.search import Searcher
@@ -56,14 +59,16 @@ class S3Searcher(Searcher):
         self.trial_settings: dict = {}  # extra keys for every trial config (the driver sets the result cache)
         self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
         self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
+        self._plan_job = None  # (future, rng, seen) of the next stage while it is planned ahead
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
-    def _proposal(self, s: SolverSchedule, source: str, stage: int) -> dict | None:
+    def _proposal(self, s: SolverSchedule, source: str, stage: int, seen: set | None = None) -> dict | None:
+        seen = self.seen if seen is None else seen
         h = s.schedule_hash()
-        if h in self.seen:
+        if h in seen:
             return None
-        self.seen.add(h)
+        seen.add(h)
         samples = self.cfg.metric.samples[min(max(stage, 0), len(self.cfg.metric.samples) - 1)]
         return {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
                 "samples": samples, "seed": self.cfg.seed}
@@ -93,41 +98,45 @@ class S3Searcher(Searcher):
         order they arrived in (a restored search plans the same stage)."""
         return sorted(self.results, key=lambda r: r["index"])
 
-    def _pool(self) -> dict[int, list[tuple[SolverSchedule, float]]]:
+    @staticmethod
+    def _pool(results: list[dict]) -> dict[int, list[tuple[SolverSchedule, float]]]:
         pool = defaultdict(list)
-        for r in self._ordered_results():
+        for r in results:
             pool[r["nfe"]].append((SolverSchedule.from_json(r["schedule"]), r["score"]))
         return pool
 
-    def _mutants(self, n: int, stage: int, source: str) -> list[dict]:
-        """Up to ``n`` new (unseen) evolutionary proposals with target NFEs drawn from the range."""
-        pool, out, tries = self._pool(), [], 0
+    def _mutants(self, n: int, stage: int, source: str, results: list[dict] | None = None,
+                 rng: np.random.Generator | None = None, seen: set | None = None) -> list[dict]:
+        """Up to ``n`` new (unseen) evolutionary proposals with target NFEs drawn from the range,
+        bred from ``results`` (default: all) with ``rng`` and ``seen`` (default: the searcher's)."""
+        rng = self.rng if rng is None else rng
+        seen = self.seen if seen is None else seen
+        pool, out, tries = self._pool(self._ordered_results() if results is None else results), [], 0
         allowed = set(self.cfg.nfe)
         while len(out) < n and tries < 20 * n + 100:
             tries += 1
-            target = int(self.rng.choice(self.cfg.nfe))
-            s = propose(self.rng, pool, target, self.noise, self.cfg.decisions, self.cfg.operators, allowed)
-            p = self._proposal(s, source, stage)
+            target = int(rng.choice(self.cfg.nfe))
+            s = propose(rng, pool, target, self.noise, self.cfg.decisions, self.cfg.operators, allowed)
+            p = self._proposal(s, source, stage, seen)
             if p is not None:
                 out.append(p)
         return out
 
-    def _plan_stage(self):
-        """Retrain the predictor, rank many mutants, queue the top ones of this stage.
+    def _plan(self, stage: int, results: list[dict], rng: np.random.Generator, seen: set) -> tuple[list[dict], dict]:
+        """Stage ``stage``'s proposals: retrain the predictor on ``results`` (in suggestion order),
+        rank many mutants, keep the top ones. Uses and advances ``rng`` and ``seen`` only, so it
+        can run on copies beside the search (``plan_ahead``). Returns (chosen, bookkeeping).
 
-        This runs while no trial is in flight, so it does only what the proposals need; the
-        predictor's quality is measured after the search (``predictor_quality``)."""
-        self.stage += 1
-        budget = self.stage_budgets[self.stage]
-        results = self._ordered_results()
+        The predictor's quality is measured after the search (``predictor_quality``), so that
+        planning does only what the proposals need."""
+        budget = self.stage_budgets[stage]
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
-        scores = [r["score"] for r in results]
-        predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + self.stage,
+        predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
                               encoding_cache=self._encodings)
-        predictor.fit(schedules, scores)
-        cands = self._mutants(max(self.cfg.predictor.candidates, budget), self.stage, "predictor")
+        predictor.fit(schedules, [r["score"] for r in results])
+        cands = self._mutants(max(self.cfg.predictor.candidates, budget), stage, "predictor", results, rng, seen)
         for c in cands:  # only the chosen ones stay "seen"
-            self.seen.discard(c["schedule_hash"])
+            seen.discard(c["schedule_hash"])
         pred = predictor.predict([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else []
         by_nfe = defaultdict(list)
         for c, p in zip(cands, pred):
@@ -142,10 +151,53 @@ class S3Searcher(Searcher):
                     chosen.append(by_nfe[nfe][depth][1])
             depth += 1
         for c in chosen:
-            self.seen.add(c["schedule_hash"])
+            seen.add(c["schedule_hash"])
+        return chosen, {"stage": stage, "n_train": len(results), "candidates": len(cands), "chosen": len(chosen)}
+
+    def _plan_stage(self):
+        """Plan the next stage now, from every result (``plan_ahead = 0``: no trial is in flight)."""
+        chosen, info = self._plan(self.stage + 1, self._ordered_results(), self.rng, self.seen)
+        self._commit_stage(chosen, info)
+
+    def _commit_stage(self, chosen: list[dict], info: dict):
+        self.stage = info["stage"]
         self.queue.extend(chosen)
-        self.taus.append({"stage": self.stage, "n_train": len(schedules), "candidates": len(cands),
-                          "chosen": len(chosen)})
+        self.taus.append(info)
+
+    # ---- planning ahead (plan_ahead > 0) ---------------------------------------------------------
+    # The next stage is planned in a background thread from the results of every trial suggested
+    # before the current phase's (seed phase, then each stage) last ``plan_ahead`` ones, but at
+    # least its first one, as soon as those results are in, while the last trials run. Its inputs
+    # (which results, the rng, the seen set) do not depend on the order results arrive in, and it
+    # works on copies of the rng and seen set that are committed only when the phase's queue runs
+    # out: a state saved before that replans the same stage when restored.
+    def _maybe_plan_ahead(self):
+        if (self.algo != "s3" or self.cfg.plan_ahead == 0 or self._plan_job is not None
+                or self.stage + 1 >= len(self.stage_budgets)):
+            return
+        end = self.n_suggested + len(self.queue)  # the queue holds the rest of the current phase
+        size = self.taus[-1]["chosen"] if self.stage >= 0 else end
+        cutoff = max(end - self.cfg.plan_ahead, end - size + 1)  # at least the phase's first result
+        results = [r for r in self._ordered_results() if r["index"] < cutoff]
+        if len(results) < cutoff:
+            return  # an earlier result is still out
+        rng, seen = copy.deepcopy(self.rng), set(self.seen)
+        job = _executor().submit(self._plan, self.stage + 1, results, rng, seen)
+        self._plan_job = (job, rng, seen)
+
+    def _take_planned_stage(self) -> bool:
+        """Commit the stage planned ahead if it is ready; False while it is still being planned."""
+        self._maybe_plan_ahead()
+        if self._plan_job is None:
+            return False
+        job, rng, seen = self._plan_job
+        if not job.done():
+            return False
+        self._plan_job = None
+        chosen, info = job.result()
+        self.rng, self.seen = rng, seen
+        self._commit_stage(chosen, info)
+        return True
 
     # ---- the Searcher protocol -------------------------------------------------------------------
     def suggest(self, trial_id: str):
@@ -153,11 +205,15 @@ class S3Searcher(Searcher):
             return Searcher.FINISHED
         if not self.queue:
             if self.algo == "s3":
-                if self.pending:
-                    return None  # a stage starts when every earlier result is in
                 if self.stage + 1 >= len(self.stage_budgets):
                     return Searcher.FINISHED
-                self._plan_stage()
+                if self.cfg.plan_ahead:
+                    if not self._take_planned_stage():
+                        return None  # the next stage is being planned, or waits for earlier results
+                elif self.pending:
+                    return None  # a stage starts when every earlier result is in
+                else:
+                    self._plan_stage()
                 if not self.queue:
                     return Searcher.FINISHED
             elif self.algo == "evolution":
@@ -206,6 +262,7 @@ class S3Searcher(Searcher):
         self.results.append({**proposal, "trial_id": trial_id, "score": value, "failed": failed})
         if self.tpe is not None and "tpe" in proposal:
             self.tpe.tell(proposal["tpe"]["number"], proposal["tpe"]["params"], value)
+        self._maybe_plan_ahead()
 
     # ---- state ------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -228,10 +285,13 @@ class S3Searcher(Searcher):
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
-        self._encodings = {}
+        self._encodings, self._plan_job = {}, None
         if self.tpe is not None:
             self.tpe.set_state(state["tpe"])
         self._eval_settings = {"model": self.cfg.model.model_dump_json(), "metric": self.cfg.metric.model_dump_json()}
+
+    def __getstate__(self):  # Tune pickles the searcher with the Tuner; a running plan stays behind
+        return {**self.__dict__, "_plan_job": None}
 
     def save(self, path: str):
         tmp = f"{path}.tmp"
@@ -242,6 +302,12 @@ class S3Searcher(Searcher):
     def restore(self, path: str):
         with open(path) as f:
             self.set_state(json.load(f))
+
+
+@cache
+def _executor() -> ThreadPoolExecutor:
+    """The one thread that plans stages ahead (planning is mostly Python: one at a time)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-plan")
 
 
 def predictor_quality(state: dict) -> list[dict]:
