@@ -6,9 +6,14 @@ trials plus W worker nodes with 1 CPU each (network namespaces, token auth), and
 <head> ...``) with ``concurrency = W``. The driver is instrumented from the outside (no package
 change): wall time of ``Tuner.fit``, the driver process's CPU time, and the time spent inside
 ``S3Searcher.suggest`` / ``on_trial_complete`` / ``save`` (state snapshots) together with the time
-of every trial completion. Needs root (network namespaces). Writes benchmarks/results/scaling.{json,md}.
+of every trial completion. Needs root (network namespaces); ``--hosts same`` instead runs every node
+on this machine's own network stack (Ray's ``cluster_utils.Cluster``) where ``ip netns`` is missing.
+Variants: ``fix`` (the driver as shipped), ``ahead`` (``plan_ahead``: the next stage is planned while
+the stage's last trials run), ``nofix`` (Tune's default actor cache). Writes
+benchmarks/results/scaling<tag>.{json,md}.
 
-    python benchmarks/scaling.py [--workers 1,2] [--budget 40] [--samples 1000] [--nfe 4] [--repeats 2]
+    python benchmarks/scaling.py [--workers 1,2] [--budget 160] [--variants fix,ahead] [--repeats 2]
+                                 [--hosts netns|same] [--tag _x]
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("S3_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 SCRIPT = ROOT / "cluster" / "local.sh"
 CLUSTER = "s3bench"
+PLAN_AHEAD = 8  # variant 'ahead': trials of a stage that run while the next one is planned
 
 
-def space(budget: int, samples: int, nfe: int, concurrency: int) -> dict:
+def space(budget: int, samples: int, nfe: int, concurrency: int, plan_ahead: int = 0) -> dict:
     """The smoke space's shape with a bigger budget and the default-sized predictor (digits.yaml)."""
     return {
         "name": "scaling", "model": {"kind": "digits", "noise_schedule": "vp_linear"},
@@ -38,7 +44,7 @@ def space(budget: int, samples: int, nfe: int, concurrency: int) -> dict:
         "nfe": [nfe], "budget": budget, "stages": 3, "random_init": 6, "final_top_k": 2,
         "baselines": ["ddim", "dpm_solver_pp_2m", "unipc_bh2"], "discretizations": ["logsnr_uniform", "time_quadratic"],
         "predictor": {"hidden": [64, 64], "epochs": 300, "candidates": 400},
-        "concurrency": concurrency, "seed": 0,
+        "concurrency": concurrency, "seed": 0, "plan_ahead": plan_ahead,
     }
 
 
@@ -94,7 +100,7 @@ def driver(a) -> None:
         setattr(owner, name, wrapper)
 
     inner = defaultdict(float)
-    timed_inner(smod.S3Searcher, "_plan_stage", "plan_stage")
+    timed_inner(smod.S3Searcher, "_plan", "plan_stage")  # in suggest, or beside it (plan_ahead)
     timed_inner(pmod.Predictor, "fit", "predictor_fit")
     timed_inner(smod, "predictor_quality", "quality_after_search")  # the driver's, after Tuner.fit
     timed_inner(smod.S3Searcher, "_mutants", "mutants")
@@ -137,15 +143,36 @@ def machine_busy_s() -> float:
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-class NamespaceCpu:
-    """CPU seconds used by the processes of some network namespaces during a window, sampled every
+def namespace_pids(namespaces) -> list[str]:
+    return [pid for ns in namespaces
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+
+
+def descendant_pids() -> list[str]:
+    """Every process below this one (a same-host cluster's nodes, their workers, the driver)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[d.name] = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                pass
+    ours, frontier = set(), {str(os.getpid())}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - ours
+        ours |= frontier
+    return sorted(ours)
+
+
+class ClusterCpu:
+    """CPU seconds used by the cluster's processes (``list_pids()``) during a window, sampled every
     0.25 s in a thread: processes that exit in between (trial actors at the end of a fit; Ray reaps
     its workers without adding their times to its own) count up to their last sample."""
 
-    def __init__(self, namespaces):
+    def __init__(self, list_pids):
         import threading
 
-        self.namespaces, self.first, self.last = namespaces, {}, {}
+        self.list_pids, self.first, self.last = list_pids, {}, {}
         self.first = self._sample()
         self.last = dict(self.first)
         self._stop = threading.Event()
@@ -154,13 +181,12 @@ class NamespaceCpu:
 
     def _sample(self) -> dict[int, int]:
         out = {}
-        for ns in self.namespaces:
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-                try:
-                    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                    out[int(pid)] = int(f[11]) + int(f[12])  # utime + stime of the process (all its threads)
-                except (OSError, IndexError, ValueError):
-                    pass
+        for pid in self.list_pids():
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(pid)] = int(f[11]) + int(f[12])  # utime + stime of the process (all its threads)
+            except (OSError, IndexError, ValueError):
+                pass
         return out
 
     def _run(self):
@@ -200,21 +226,58 @@ def run_one(workers: int, a, tmp: Path, variant: str = "fix") -> dict:
         Path(denv["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
         cmd = ["ip", "netns", "exec", s["S3C_HEAD_NS"], sys.executable, str(Path(__file__).resolve()), "_driver",
                "--address", s["S3C_GCS_ADDRESS"], "--runs", str(tmp / "runs"), "--out", str(out),
-               "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers))]
+               "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers, variant_plan_ahead(variant)))]
         nss = [s["S3C_HEAD_NS"], *s["S3C_WORKER_NS"].split()]
-        busy0, w0 = machine_busy_s(), time.time()
-        sampler = NamespaceCpu(nss)  # the driver runs in the head's namespace too
-        r = subprocess.run(cmd, env=denv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        window, ours = time.time() - w0, sampler.stop()
-        other = max(0.0, machine_busy_s() - busy0 - ours)
-        if r.returncode != 0:
-            raise RuntimeError(f"driver failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-        d = json.loads(out.read_text())
-        d.update(workers=workers, variant=variant, up_s=up_s, loadavg_before=load0, loadavg_after=os.getloadavg(),
-                 other_cpu_cores=other / window, our_cpu_cores=ours / window)
-        return summarize(d)
+        # the driver runs in the head's namespace too
+        return run_driver(cmd, denv, lambda: namespace_pids(nss), out, workers=workers, variant=variant,
+                          up_s=up_s, loadavg_before=load0)
     finally:
         local_sh(env, "down")
+
+
+def variant_plan_ahead(variant: str) -> int:
+    return PLAN_AHEAD if variant == "ahead" else 0
+
+
+def run_one_same_host(workers: int, a, tmp: Path, variant: str = "fix") -> dict:
+    """Like ``run_one`` on a cluster whose nodes share this machine's network stack (Ray's own
+    ``cluster_utils.Cluster``: one raylet per node, no token auth), for machines without ``ip netns``."""
+    from ray.cluster_utils import Cluster
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    os.environ.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    t0 = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        up_s = time.time() - t0
+        out = tmp / f"w{workers}-{time.time_ns()}.json"
+        load0 = os.getloadavg()
+        denv = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1"}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_driver", "--address", cluster.address,
+               "--runs", str(tmp / "runs"), "--out", str(out),
+               "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers, variant_plan_ahead(variant)))]
+        return run_driver(cmd, denv, descendant_pids, out, workers=workers, variant=variant, up_s=up_s,
+                          loadavg_before=load0)
+    finally:
+        cluster.shutdown()
+
+
+def run_driver(cmd, env, list_pids, out: Path, **info) -> dict:
+    """Run the driver, measuring the CPU of the cluster's processes and of everything else."""
+    busy0, w0 = machine_busy_s(), time.time()
+    sampler = ClusterCpu(list_pids)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    window, ours = time.time() - w0, sampler.stop()
+    other = max(0.0, machine_busy_s() - busy0 - ours)
+    if r.returncode != 0:
+        raise RuntimeError(f"driver failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    d = json.loads(out.read_text())
+    d.update(info, loadavg_after=os.getloadavg(), other_cpu_cores=other / window, our_cpu_cores=ours / window)
+    return summarize(d)
 
 
 def summarize(d: dict) -> dict:
@@ -233,10 +296,11 @@ def summarize(d: dict) -> dict:
         "workers": d["workers"], "variant": d["variant"], "trials": n, "fit_wall_s": wall, "trials_per_min": n / wall * 60,
         "steady_trials_per_min": steady, "first_completion_s": done[0] - fit["start"] if done else None,
         "driver_cpu_s": fit["driver_cpu_s"], "driver_cpu_share": fit["driver_cpu_s"] / wall,
+        "planning_s": d.get("suggest_breakdown_s", {}).get("plan_stage"),
         "searcher_s": searcher, "searcher_share": searcher / wall, "searcher_share_of_driver_cpu": searcher / fit["driver_cpu_s"],
         "searcher_by_method_s": d["searcher_s"], "searcher_calls": d["searcher_calls"],
         "suggest_breakdown_s": d.get("suggest_breakdown_s", {}),
-        "idle_share": idle_share(d, wall),
+        "idle_share": idle_share(d, wall), "worker_idle_share": worker_idle_share(d, fit, d["workers"]),
         "trials_per_node": sorted(nodes.values(), reverse=True), "cluster_up_s": d["up_s"],
         "total_with_final_eval_s": d["total_s"], "loadavg_before": d["loadavg_before"],
         "our_cpu_cores": d["our_cpu_cores"], "other_cpu_cores": d["other_cpu_cores"],
@@ -262,6 +326,27 @@ def idle_share(d: dict, wall: float) -> float | None:
     return idle / wall
 
 
+def turnaround(r: dict) -> float | None:
+    """Median time from a trial's completion to the next suggestion (Tune's per-trial turnaround)."""
+    sug = sorted(r["suggest_log"])
+    gaps = [next(t for t in sug if t >= c[0]) - c[0] for c in r["trial_log"] if sug and sug[-1] >= c[0]]
+    return statistics.median(gaps) if gaps else None
+
+
+def worker_idle_share(d: dict, fit: dict, workers: int) -> float | None:
+    """Share of the workers' slots (workers x wall time of the fit) with no trial: start-up before
+    the first suggestion, stage boundaries, Tune's turnaround between trials, the last stage's tail."""
+    if not d["suggestions"]:
+        return None
+    events = sorted([(c[0], -1) for c in d["completions"]] + [(t, +1) for t in d["suggestions"]])
+    running, idle, last = 0, 0.0, fit["start"]
+    for t, delta in events:
+        idle += (workers - running) * (t - last)
+        running, last = running + delta, t
+    idle += (workers - running) * max(fit["end"] - last, 0.0)
+    return idle / (workers * (fit["end"] - fit["start"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd")
@@ -271,12 +356,16 @@ def main(argv=None):
     dp.add_argument("--out", required=True)
     dp.add_argument("--space-json", required=True)
     p.add_argument("--workers", default="1,2")
-    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("--budget", type=int, default=160)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--nfe", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--variants", default="fix,nofix", help="fix: the driver as shipped; nofix: with "
-                   "S3_TUNE_KEEP_IDLE_ACTORS=0 (Tune's default actor cache, see s3_ray/search/actor_cache.py)")
+    p.add_argument("--variants", default="fix,ahead", help="fix: the driver as shipped (plan_ahead 0); ahead: "
+                   f"plan_ahead {PLAN_AHEAD}; nofix: with S3_TUNE_KEEP_IDLE_ACTORS=0 (Tune's default actor cache, see "
+                   "s3_ray/search/actor_cache.py)")
+    p.add_argument("--hosts", choices=("netns", "same"), default="netns",
+                   help="netns: cluster/local.sh (one network namespace per node, token auth); same: every node "
+                   "on this machine's network stack (ray.cluster_utils), where ip netns is unavailable")
     p.add_argument("--report-only", action="store_true", help="rewrite scaling.md from scaling.json")
     p.add_argument("--tag", default="", help="suffix of the result files (scaling<tag>.json/.md)")
     a = p.parse_args(argv)
@@ -289,8 +378,8 @@ def main(argv=None):
         a.repeats = 1 + max(r["repeat"] for r in old["runs"])
         return report(old["runs"], a, sorted({r["workers"] for r in old["runs"]}),
                       list(dict.fromkeys(r["variant"] for r in old["runs"])), machine=old["machine"])
-    if os.geteuid() != 0:
-        sys.exit("scaling.py needs root (cluster/local.sh uses network namespaces)")
+    if a.hosts == "netns" and os.geteuid() != 0:
+        sys.exit("scaling.py needs root (cluster/local.sh uses network namespaces); or use --hosts same")
     workers = [int(w) for w in a.workers.split(",")]
     variants = a.variants.split(",")
     runs = []
@@ -298,7 +387,7 @@ def main(argv=None):
         for rep in range(a.repeats):
             for v in variants:
                 for w in workers:  # interleaved, so slow phases of the machine hit every setting
-                    r = run_one(w, a, Path(tmp), v)
+                    r = (run_one if a.hosts == "netns" else run_one_same_host)(w, a, Path(tmp), v)
                     r["repeat"] = rep
                     runs.append(r)
                     print(f"{v} W={w} rep {rep}: {r['trials']} trials, {r['trials_per_min']:.1f}/min "
@@ -310,52 +399,74 @@ def main(argv=None):
 
 
 KEYS = ("trials_per_min", "steady_trials_per_min", "fit_wall_s", "searcher_s", "searcher_share", "idle_share",
+        "worker_idle_share", "planning_s", "median_turnaround_s", "first_completion_s",
         "driver_cpu_share", "searcher_share_of_driver_cpu", "median_trial_eval_s", "our_cpu_cores", "other_cpu_cores")
 
 
 def report(runs, a, workers, variants, machine=None):
     for r in runs:
         r["median_trial_eval_s"] = statistics.median(x[2] for x in r["trial_log"] if x[2] is not None)
+        r["median_turnaround_s"] = turnaround(r)
     agg = {}
     for v in variants:
         for w in workers:
             rs = [r for r in runs if r["workers"] == w and r["variant"] == v]
-            agg[f"{v}/{w}"] = {k: statistics.median(r[k] for r in rs if r[k] is not None) for k in KEYS
-                               if any(r[k] is not None for r in rs)}
+            agg[f"{v}/{w}"] = {k: statistics.median(r[k] for r in rs if r.get(k) is not None) for k in KEYS
+                               if any(r.get(k) is not None for r in rs)}
     speedup = {v: {k: agg[f"{v}/{workers[-1]}"][k] / agg[f"{v}/{workers[0]}"][k]
                    for k in ("trials_per_min", "steady_trials_per_min")} for v in variants if len(workers) > 1}
-    machine = machine or {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()}
+    if machine is None:
+        import platform
+
+        import ray
+        import torch
+
+        machine = {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg(), "python": platform.python_version(),
+                   "torch": torch.__version__, "ray": ray.__version__, "hosts": a.hosts}
+    hosts = machine.get("hosts", "netns")
     out = {"config": {**space(a.budget, a.samples, a.nfe, 0), "concurrency": "= workers"}, "machine": machine,
-           "variants": {"fix": "driver as shipped (s3_ray/search/actor_cache.py keeps idle trial actors)",
+           "variants": {"fix": "driver as shipped (s3_ray/search/actor_cache.py keeps idle trial actors), plan_ahead 0",
+                        "ahead": f"as fix, with plan_ahead {PLAN_AHEAD}: the next stage is planned in the background "
+                                 "while the stage's last trials run",
                         "nofix": "S3_TUNE_KEEP_IDLE_ACTORS=0: Tune's default actor cache"},
            "median": agg, "speedup": speedup, "targets": {"speedup_1_to_2": 1.8, "searcher_share_max": 0.05},
            "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"scaling{a.tag}.json").write_text(json.dumps(out, indent=1) + "\n")
     md = [f"# Scaling over Ray worker nodes ({' / '.join(map(str, workers))} workers, 1 CPU each)", "",
-          f"Cluster from `cluster/local.sh` (network namespaces, token auth; the head has 0 CPUs for trials, so "
-          f"trials run on the worker nodes only), the search driver on the head node. Embedded digits model, "
+          ("Cluster from `cluster/local.sh` (network namespaces, token auth" if hosts == "netns" else
+           "Cluster of Ray nodes on one network stack (`--hosts same`: `ray.cluster_utils.Cluster`, no token auth")
+          + "; the head has 0 CPUs for trials, so trials run on the worker nodes only), the search driver on the "
+          f"head node. Embedded digits model, "
           f"NFE {a.nfe}, {a.samples} samples per trial, budget {a.budget} (12 seed schedules + 3 stages), "
           f"predictor 300 epochs / 400 candidates, concurrency = workers. {a.repeats} interleaved repeats, "
           f"medians. Machine: {machine['cpus']} CPU cores shared by the head (GCS, dashboard, driver), the "
-          f"workers and any other process.", "",
+          f"workers and any other process"
+          + (f"; Python {machine['python']}, torch {machine['torch']}, Ray {machine['ray']}." if "torch" in machine
+             else "."), "",
           "| variant | workers | trials/min | steady trials/min | fit wall (s) | searcher (s) | searcher / wall | "
-          "searcher / driver CPU | no trial in flight | median trial eval (s) | CPU cores: cluster / other |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "searcher / driver CPU | planning (s) | no trial in flight | worker slots idle | median trial eval (s) | "
+          "CPU cores: cluster / other |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         for w in workers:
             m = agg[f"{v}/{w}"]
             md.append(f"| {v} | {w} | {m['trials_per_min']:.1f} | {m.get('steady_trials_per_min', float('nan')):.1f} | "
                       f"{m['fit_wall_s']:.1f} | {m['searcher_s']:.2f} | {100 * m['searcher_share']:.1f} % | "
-                      f"{100 * m['searcher_share_of_driver_cpu']:.0f} % | {100 * m.get('idle_share', float('nan')):.0f} % | "
+                      f"{100 * m['searcher_share_of_driver_cpu']:.0f} % | {m.get('planning_s', float('nan')):.2f} | "
+                      f"{100 * m.get('idle_share', float('nan')):.0f} % | "
+                      f"{100 * m.get('worker_idle_share', float('nan')):.0f} % | "
                       f"{m['median_trial_eval_s']:.2f} | {m['our_cpu_cores']:.2f} / {m['other_cpu_cores']:.2f} |")
     md += [""] + [f"Speed-up {workers[0]} -> {workers[-1]} workers ({v}): {sp['trials_per_min']:.2f}x over the whole "
                   f"fit, {sp['steady_trials_per_min']:.2f}x in steady state (target >= 1.8x)." for v, sp in speedup.items()]
     md += diagnosis(agg, speedup, workers, variants, machine, a.budget)
     md += ["", "trials/min = trials / wall time of `Tuner.fit` (start-up, every stage boundary included); steady = "
            "completions after the first one per node / the time they took. Searcher = time inside "
-           "`S3Searcher.suggest`, `on_trial_complete` and `save`; nearly all of it is stage planning (predictor "
-           "fit + generating and ranking mutants), during which no trial runs. The predictor's quality (held-out "
+           "`S3Searcher.suggest`, `on_trial_complete` and `save` (the driver's loop waits meanwhile); with "
+           "plan_ahead 0 nearly all of it is stage planning (predictor fit + generating and ranking mutants), "
+           "during which no trial runs. Planning = time spent planning stages, in `suggest` or (plan_ahead > 0) in "
+           "a background thread beside it. Worker slots idle = share of workers x fit wall time with no trial "
+           "(start-up, stage boundaries, Tune's turnaround, the last stage's tail). The predictor's quality (held-out "
            "Kendall tau per stage) is measured by the driver after `Tuner.fit` (last planning column; not in the "
            "searcher time). CPU cores: average over the run "
            "(final evaluation included) of the cluster's processes, sampled per process, and of everything else "
@@ -390,8 +501,11 @@ def diagnosis(agg, speedup, workers, variants, machine, budget) -> list[str]:
              f"{100 * one['searcher_share']:.0f}-{100 * two['searcher_share']:.0f} % of wall (target < 5 %: "
              f"{'met' if two['searcher_share'] < 0.05 else 'missed'}).",
              f"- Serial part: with 1 worker no trial is in flight {100 * serial:.0f} % of the fit (stage planning "
-             f"{one['searcher_s']:.1f} s at 3 stage boundaries + start-up); it does not shrink with workers, so "
-             f"Amdahl bounds the speed-up at {bound:.2f}x before any other cost.",
+             f"{one.get('planning_s', one['searcher_s']):.1f} s at 3 stage boundaries, Tune's turnaround of "
+             f"{1000 * one.get('median_turnaround_s', float('nan')):.0f} ms (median) from a result to the next "
+             f"trial); it does not shrink with workers, so Amdahl bounds the speed-up at {bound:.2f}x before any "
+             f"other cost. Start-up: the first result comes {one.get('first_completion_s', float('nan')):.1f} s "
+             f"after the fit starts.",
              f"- CPU: {machine['cpus']} cores for everything; with {workers[-1]} workers the cluster used "
              f"{two['our_cpu_cores']:.2f} cores on average (head services + driver + trials) and the median trial "
              f"evaluation took {two['median_trial_eval_s']:.2f} s instead of {one['median_trial_eval_s']:.2f} s.",
@@ -399,6 +513,19 @@ def diagnosis(agg, speedup, workers, variants, machine, budget) -> list[str]:
              f"all while the workers wait; it is "
              f"{100 * one['searcher_share_of_driver_cpu']:.0f} % of the driver's CPU time. It is a fixed cost per "
              f"stage, so its share falls with the budget per stage (here {(budget - 12) / 3:.0f} trials per stage)."]
+    if "ahead" in variants:
+        a1, a2 = agg[f"ahead/{workers[0]}"], agg[f"ahead/{workers[-1]}"]
+        sp = speedup["ahead"]
+        lines.append(f"- Planning ahead (plan_ahead {PLAN_AHEAD}): speed-up {sp['trials_per_min']:.2f}x over the whole fit, "
+                     f"{sp['steady_trials_per_min']:.2f}x steady (target 1.8x: "
+                     f"{'met' if sp['trials_per_min'] >= 1.8 else 'missed'}); the searcher's time in the driver's "
+                     f"loop {100 * a1['searcher_share']:.1f}-{100 * a2['searcher_share']:.1f} % of wall (target < 5 %: "
+                     f"{'met' if max(a1['searcher_share'], a2['searcher_share']) < 0.05 else 'missed'}), planning "
+                     f"{a1.get('planning_s', float('nan')):.1f} s beside the trials; no trial in flight "
+                     f"{100 * a1['idle_share']:.0f} % / {100 * a2['idle_share']:.0f} % of the fit (fix: "
+                     f"{100 * one['idle_share']:.0f} % / {100 * two['idle_share']:.0f} %); trials/min vs fix: "
+                     f"{a1['trials_per_min'] / one['trials_per_min']:.2f}x with {workers[0]}, "
+                     f"{a2['trials_per_min'] / two['trials_per_min']:.2f}x with {workers[-1]} workers.")
     if "nofix" in variants:
         lines.append(f"- Without the actor-cache fix (Tune keeps one idle actor at a stage boundary) the speed-up is "
                      f"{speedup['nofix']['trials_per_min']:.2f}x: after the first boundary every trial ran on one "
