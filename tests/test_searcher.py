@@ -198,3 +198,14 @@ def test_plan_ahead_restored_mid_planning_continues_the_same_search(tmp_path):
         b.on_trial_complete(tid, evaluate(SolverSchedule.from_json(c["schedule"]), target, n=c["samples"], seed=c["seed"]))
     run_concurrent(b, workers=3, order_seed=5)
     assert _trace(b) == _trace(whole) and b.taus == whole.taus
+
+
+@pytest.mark.parametrize("plan_ahead", [0, 3])
+def test_search_without_seed_schedules_finishes(plan_ahead):
+    """No baselines and no random seeds: stage 0 is planned from nothing (mutants of an empty pool
+    are random schedules), with or without planning ahead; the search does not wait forever."""
+    cfg = parse_config({**CFG, "baselines": [], "random_init": 0, "budget": 12, "plan_ahead": plan_ahead})
+    s = S3Searcher(cfg)
+    assert not s.queue
+    run_concurrent(s, workers=2, order_seed=0)
+    assert len(s.results) == cfg.budget and [t["n_train"] for t in s.taus][0] == 0

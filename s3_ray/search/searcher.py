@@ -176,8 +176,10 @@ class S3Searcher(Searcher):
                 or self.stage + 1 >= len(self.stage_budgets)):
             return
         end = self.n_suggested + len(self.queue)  # the queue holds the rest of the current phase
+        if end >= self.cfg.budget:
+            return  # no stage follows
         size = self.taus[-1]["chosen"] if self.stage >= 0 else end
-        cutoff = max(end - self.cfg.plan_ahead, end - size + 1)  # at least the phase's first result
+        cutoff = max(end - self.cfg.plan_ahead, end - size + 1) if size else end  # at least the phase's first result
         results = [r for r in self._ordered_results() if r["index"] < cutoff]
         if len(results) < cutoff:
             return  # an earlier result is still out
@@ -191,8 +193,9 @@ class S3Searcher(Searcher):
         if self._plan_job is None:
             return False
         job, rng, seen = self._plan_job
-        if not job.done():
+        if not job.done() and self.pending:
             return False
+        # (with nothing in flight there is nothing to overlap: wait here, not in Tune's 1-s polling)
         self._plan_job = None
         chosen, info = job.result()
         self.rng, self.seen = rng, seen
@@ -291,7 +294,7 @@ class S3Searcher(Searcher):
         self._eval_settings = {"model": self.cfg.model.model_dump_json(), "metric": self.cfg.metric.model_dump_json()}
 
     def __getstate__(self):  # Tune pickles the searcher with the Tuner; a running plan stays behind
-        return {**self.__dict__, "_plan_job": None}
+        return {**self.__dict__, "_plan_job": None, "_encodings": {}}
 
     def save(self, path: str):
         tmp = f"{path}.tmp"
