@@ -221,25 +221,15 @@ def run_one(workers: int, a, tmp: Path, variant: str = "fix") -> dict:
         local_sh(env, "up", str(workers))
         up_s = time.time() - t0
         s = cluster_settings(env)
-        out = tmp / f"w{workers}-{time.time_ns()}.json"
-        load0 = os.getloadavg()
         denv = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": s["S3C_TOKEN_PATH"],
-                "RAY_TMPDIR": f"{s['S3C_STATE']}/d", "RAY_USAGE_STATS_ENABLED": "0",
-                "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1"}
+                "RAY_TMPDIR": f"{s['S3C_STATE']}/d", "RAY_USAGE_STATS_ENABLED": "0"}
         Path(denv["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-        cmd = ["ip", "netns", "exec", s["S3C_HEAD_NS"], sys.executable, str(Path(__file__).resolve()), "_driver",
-               "--address", s["S3C_GCS_ADDRESS"], "--runs", str(tmp / "runs"), "--out", str(out),
-               "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers, variant_plan_ahead(variant)))]
         nss = [s["S3C_HEAD_NS"], *s["S3C_WORKER_NS"].split()]
         # the driver runs in the head's namespace too
-        return run_driver(cmd, denv, lambda: namespace_pids(nss), out, workers=workers, variant=variant,
-                          up_s=up_s, loadavg_before=load0)
+        return run_driver(["ip", "netns", "exec", s["S3C_HEAD_NS"]], s["S3C_GCS_ADDRESS"], denv,
+                          lambda: namespace_pids(nss), a, tmp, workers, variant, up_s)
     finally:
         local_sh(env, "down")
-
-
-def variant_plan_ahead(variant: str) -> int:
-    return PLAN_AHEAD if variant == "ahead" else 0
 
 
 def run_one_same_host(workers: int, a, tmp: Path, variant: str = "fix") -> dict:
@@ -247,31 +237,31 @@ def run_one_same_host(workers: int, a, tmp: Path, variant: str = "fix") -> dict:
     ``cluster_utils.Cluster``: one raylet per node, no token auth), for machines without ``ip netns``."""
     from ray.cluster_utils import Cluster
 
+    os.environ.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")  # the nodes' environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    os.environ.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for _ in range(workers):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        up_s = time.time() - t0
-        out = tmp / f"w{workers}-{time.time_ns()}.json"
-        load0 = os.getloadavg()
-        denv = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1"}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_driver", "--address", cluster.address,
-               "--runs", str(tmp / "runs"), "--out", str(out),
-               "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers, variant_plan_ahead(variant)))]
-        return run_driver(cmd, denv, descendant_pids, out, workers=workers, variant=variant, up_s=up_s,
-                          loadavg_before=load0)
+        return run_driver([], cluster.address, env, descendant_pids, a, tmp, workers, variant, time.time() - t0)
     finally:
         cluster.shutdown()
 
 
-def run_driver(cmd, env, list_pids, out: Path, **info) -> dict:
-    """Run the driver, measuring the CPU of the cluster's processes and of everything else."""
-    busy0, w0 = machine_busy_s(), time.time()
+def run_driver(prefix: list[str], address: str, env: dict, list_pids, a, tmp: Path, workers: int, variant: str,
+               up_s: float) -> dict:
+    """Run the search driver (``prefix`` + this script's ``_driver``) against the cluster at
+    ``address``, measuring the CPU of the cluster's processes (``list_pids``) and of everything else."""
+    out = tmp / f"w{workers}-{time.time_ns()}.json"
+    env = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1"}
+    plan_ahead = PLAN_AHEAD if variant == "ahead" else 0
+    cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "_driver", "--address", address,
+           "--runs", str(tmp / "runs"), "--out", str(out),
+           "--space-json", json.dumps(space(a.budget, a.samples, a.nfe, workers, plan_ahead))]
+    load0, busy0, w0 = os.getloadavg(), machine_busy_s(), time.time()
     sampler = ClusterCpu(list_pids)
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     window, ours = time.time() - w0, sampler.stop()
@@ -279,7 +269,8 @@ def run_driver(cmd, env, list_pids, out: Path, **info) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"driver failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     d = json.loads(out.read_text())
-    d.update(info, loadavg_after=os.getloadavg(), other_cpu_cores=other / window, our_cpu_cores=ours / window)
+    d.update(workers=workers, variant=variant, up_s=up_s, loadavg_before=load0, loadavg_after=os.getloadavg(),
+             other_cpu_cores=other / window, our_cpu_cores=ours / window)
     return summarize(d)
 
 

@@ -26,8 +26,8 @@ from s3_ray.usf.schedule import SolverSchedule
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m_exact", 100)  # high-accuracy reference solve: builder, NFE
 MODEL_REFERENCE_SEED = 1_000_003  # noise seed of the 'model' reference set, distinct from search seeds
-# Samples per network batch: 1,000-sample trials ran 1.18x (one process) / 1.16x (two at once) as
-# fast here, 1.26x / 1.10x on a 16-core machine, as with one batch of 1,000
+# Samples per network batch. Against one batch of 1,000, 1,000-sample trials ran 1.18x (one
+# process) / 1.16x (two at once) as fast here and 1.26x / 1.10x on a 16-core machine
 # (benchmarks/results/trial_throughput*.md; the digits UNet's activations for 256 samples take 1-2
 # MB, about a core's L2 cache). Every sample is solved independently, so chunking does not change
 # the result beyond float rounding.

@@ -180,9 +180,9 @@ class S3Searcher(Searcher):
             return  # no stage follows
         size = self.taus[-1]["chosen"] if self.stage >= 0 else end
         cutoff = max(end - self.cfg.plan_ahead, end - size + 1) if size else end  # at least the phase's first result
-        results = [r for r in self._ordered_results() if r["index"] < cutoff]
-        if len(results) < cutoff:
+        if sum(r["index"] < cutoff for r in self.results) < cutoff:
             return  # an earlier result is still out
+        results = [r for r in self._ordered_results() if r["index"] < cutoff]
         rng, seen = copy.deepcopy(self.rng), set(self.seen)
         job = _executor().submit(self._plan, self.stage + 1, results, rng, seen)
         self._plan_job = (job, rng, seen)
