@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from s3_ray.errors import first_line
+
 # Environment variables that Ray's submission client lets override an explicit address.
 _ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -122,13 +124,13 @@ class JobsClient:
             with _explicit_address():
                 self.client = JobSubmissionClient(self.address, headers=headers)
         except OSError as e:  # requests' ConnectionError/Timeout are OSErrors
-            raise ClusterError(f"cannot reach the Ray dashboard at {self.address} ({_first_line(e)})") from None
+            raise ClusterError(f"cannot reach the Ray dashboard at {self.address} ({first_line(e)})") from None
         except AuthenticationError as e:
             hint = (f" (token from {self.token.source})" if self.token else
                     " (the cluster uses token auth: set RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, or pass --auth-token-file)")
-            raise ClusterError(f"{self.address}: {_first_line(e)}{hint}") from None
+            raise ClusterError(f"{self.address}: {first_line(e)}{hint}") from None
         except RuntimeError as e:
-            raise ClusterError(f"{self.address}: {_first_line(e)}") from None
+            raise ClusterError(f"{self.address}: {first_line(e)}") from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         from ray.exceptions import AuthenticationError
@@ -136,9 +138,9 @@ class JobsClient:
         try:
             return fn(*args, **kwargs)
         except OSError as e:
-            raise ClusterError(f"{what}: cannot reach {self.address} ({_first_line(e)})") from None
+            raise ClusterError(f"{what}: cannot reach {self.address} ({first_line(e)})") from None
         except (RuntimeError, AuthenticationError) as e:
-            raise ClusterError(f"{what}: {_first_line(e)}") from None
+            raise ClusterError(f"{what}: {first_line(e)}") from None
 
     # ---- jobs --------------------------------------------------------------------------------------
     def submit(self, entrypoint: str, runtime_env: dict, metadata: dict, submission_id: str | None = None) -> str:
@@ -173,7 +175,7 @@ class JobsClient:
         try:
             asyncio.run(tail())
         except Exception as e:  # the websocket dropped (aiohttp, proxy, ...): fall back to polling
-            print(f"(log stream interrupted: {_first_line(e)}; polling for the job's status)", file=sys.stderr)
+            print(f"(log stream interrupted: {first_line(e)}; polling for the job's status)", file=sys.stderr)
         return self.wait(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, interval: float = 1.0) -> str:
@@ -194,10 +196,6 @@ def _status(info) -> str:
     s = info.status
     return getattr(s, "value", str(s))
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---- s3 submit ---------------------------------------------------------------------------------

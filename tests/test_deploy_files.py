@@ -103,6 +103,7 @@ def test_dockerfile_base_workdir_and_copies():
     base = re.search(r"^FROM python:(\d+)\.(\d+)", text, re.M)
     assert base and (int(base[1]), int(base[2])) >= (3, 10)  # requires-python >= 3.10
     assert "WORKDIR /app" in text and "ENV PATH=/app/.venv/bin:$PATH" in text
+    assert "RAY_USAGE_STATS_ENABLED=0" in text and "MLFLOW_DISABLE_TELEMETRY=true" in text  # no usage data out
     assert re.search(r"^USER (?!root)\w+", text, re.M), "the image should not run as root"
     for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for src in line.split():

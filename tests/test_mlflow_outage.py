@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from s3_ray.tracking import server
-from s3_ray.tracking.mlflow_tracking import HTTP_LIMITS, MlflowTrialCallback, bound_http_retries
+from s3_ray.tracking.mlflow_tracking import HTTP_LIMITS, MlflowTrialCallback, set_client_env
 
 from .search_helpers import ROOT, search_cmd, search_env, stop_test_ray, wait_for
 
@@ -43,6 +43,8 @@ def test_server_command_defaults(tmp_path):
     assert arg["--artifacts-destination"] == str((tmp_path / "r").resolve() / "mlartifacts")
     assert "--serve-artifacts" in cmd and "--allowed-hosts" not in cmd
     assert server.server_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert server.server_env({})["MLFLOW_DISABLE_TELEMETRY"] == "true"  # no usage data to mlflow-telemetry.io
+    assert server.server_env({"MLFLOW_DISABLE_TELEMETRY": "false"})["MLFLOW_DISABLE_TELEMETRY"] == "false"
     wide = server.server_command("0.0.0.0", 5001, tmp_path, allowed_hosts="mlflow:5001")
     assert wide[wide.index("--host") + 1] == "0.0.0.0" and wide[wide.index("--allowed-hosts") + 1] == "mlflow:5001"
     assert server.client_uri("0.0.0.0", 5001) == "http://127.0.0.1:5001"
@@ -59,21 +61,30 @@ def test_mlflow_server_cli_refuses_a_busy_port(tmp_path):
     assert "--port" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bound_http_retries_keeps_user_values(monkeypatch):
-    for k in HTTP_LIMITS:
+def test_client_env_bounds_retries_disables_telemetry_and_keeps_user_values(monkeypatch):
+    for k in [*HTTP_LIMITS, "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"]:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "42")
-    bound_http_retries()
+    set_client_env()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+    from mlflow.environment_variables import (
+        MLFLOW_DISABLE_TELEMETRY,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
 
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() <= 3 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 42
+    assert MLFLOW_DISABLE_TELEMETRY.get() is True
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # a user who opts in keeps it
+    set_client_env()
+    assert MLFLOW_DISABLE_TELEMETRY.get() is False
 
 
 def test_callback_does_not_stall_on_a_dead_server(monkeypatch, capsys):
-    """With the default client settings one failed request takes ~4 minutes of retries; the callback
-    must give up within seconds, keep the trial pending and not retry before RETRY_AFTER_S."""
+    """With the default client settings one failed request takes ~4 minutes of retries; the callback's
+    logger thread must give up within seconds, keep the trial pending and not retry before
+    RETRY_AFTER_S. Tune's loop (``on_trial_complete``) never waits for the server."""
     for k in HTTP_LIMITS:
         monkeypatch.delenv(k, raising=False)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -81,13 +92,17 @@ def test_callback_does_not_stall_on_a_dead_server(monkeypatch, capsys):
     trial = SimpleNamespace(config={"trial_key": "00001-abc"}, last_result={"score": 1.0})
     t0 = time.monotonic()
     cb.on_trial_complete(0, [], trial)
+    cb.wait()
     first = time.monotonic() - t0
     trial2 = SimpleNamespace(config={"trial_key": "00002-def"}, last_result={"score": 2.0})
     t1 = time.monotonic()
     cb.on_trial_complete(1, [], trial2)
+    cb.wait()
     second = time.monotonic() - t1
-    assert first < 15, f"the callback blocked the Tune loop for {first:.1f} s"
+    assert first < 15, f"the logger gave up on the dead server only after {first:.1f} s"
     assert second < 1.0 and set(cb._pending) == {"00001-abc", "00002-def"}
+    cb.on_experiment_end([])
+    assert cb._thread is None and set(cb._pending) == {"00001-abc", "00002-def"}  # left to the final sync
     err = capsys.readouterr().err
     assert f"MLflow at {uri} is unreachable" in err and "--resume" in err and err.count("unreachable") == 1
     restored = MlflowTrialCallback.__new__(MlflowTrialCallback)
@@ -125,11 +140,52 @@ def test_partial_child_run_is_replaced_not_duplicated(tmp_path, monkeypatch, cap
         monkeypatch.delenv(k, raising=False)
     cb = MlflowTrialCallback(f"http://127.0.0.1:{free_port()}", "partial", None)  # down
     cb.on_trial_complete(0, [], SimpleNamespace(config={**config, "trial_key": "00002-y"}, last_result={"score": 2.5}))
+    cb.close()
     assert set(cb._pending) == {"00002-y"} and cb._down_since is not None
     cb.args, cb._next_try = (uri, "partial", None), 0.0  # back (the same store, reachable now)
     assert cb.flush() == 1 and cb._pending == {} and cb._down_since is None
     assert "reachable again" in capsys.readouterr().err
     assert t.client.search_runs([t.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '00002-y'")[0].info.status == "FINISHED"
+
+
+def test_callback_logs_in_its_own_thread_and_the_experiment_end_waits(tmp_path, monkeypatch):
+    """Child runs are written by the logger thread, not by Tune's loop; ``on_experiment_end`` returns
+    only when every completed trial is in MLflow (the driver's final sync must not race the thread)."""
+    import threading
+
+    from s3_ray.config import load_config
+    from s3_ray.tracking.mlflow_tracking import TRIAL_TAG, Tracker
+    from s3_ray.usf.baselines import build_baseline
+    from s3_ray.usf.noise import VPLinear
+
+    uri, cfg = f"sqlite:///{tmp_path / 'm.db'}", load_config(ROOT / "search_spaces" / "smoke.yaml")
+    t = Tracker(uri, "bg", (tmp_path / "art").as_uri())
+    t.start_parent(cfg.model_dump(mode="json"), "s3")
+    s = build_baseline("unipc_bh2", VPLinear(), 4)
+    config = {"schedule": s.to_json(), "schedule_hash": s.schedule_hash(), "source": "baseline", "nfe": 4, "stage": 0,
+              "samples": 200, "seed": 0}
+    threads = []
+    log_trial = Tracker.log_trial
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return log_trial(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tracker, "log_trial", spy)
+    cb = MlflowTrialCallback(uri, "bg", None)
+    keys = [f"{i:05d}-k" for i in range(6)]
+    for i, key in enumerate(keys[:5]):
+        cb.on_trial_complete(i, [], SimpleNamespace(config={**config, "trial_key": key}, last_result={"score": i + 0.5}))
+    cb.on_experiment_end([])
+    assert cb._thread is None and cb._pending == {}
+    logged = t.client.search_runs([t.experiment_id], filter_string="tags.`s3.kind` = 'trial'")
+    assert sorted(r.data.tags[TRIAL_TAG] for r in logged) == keys[:5]
+    assert all(r.info.status == "FINISHED" for r in logged)
+    assert threads and set(threads) == {"s3-mlflow-log"} and threading.current_thread().name not in threads
+    cb.on_trial_complete(5, [], SimpleNamespace(config={**config, "trial_key": keys[5]}, last_result={"score": 9.0}))
+    cb.close()  # a completion after the end starts the thread again
+    logged = t.client.search_runs([t.experiment_id], filter_string="tags.`s3.kind` = 'trial'")
+    assert sorted(r.data.tags[TRIAL_TAG] for r in logged) == keys
 
 
 def test_search_refuses_to_start_without_its_server(tmp_path):

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from s3_ray.config import SearchConfig
+from s3_ray.errors import first_line
 from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.schedule import SolverSchedule
@@ -67,7 +68,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     from s3_ray.search.actor_cache import keep_idle_trial_actors
     from s3_ray.search.searcher import S3Searcher
     from s3_ray.search.trial import trainable
-    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker, bound_http_retries
+    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker
 
     run_dir = (Path(runs_root) / cfg.name).resolve()
     tune_dir = run_dir / TUNE_NAME
@@ -84,14 +85,13 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
 
     uri = mlflow_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     artifacts = None if mlflow_uri else (run_dir / "mlartifacts").as_uri()
-    bound_http_retries()  # a tracking server outage must not stall the search for minutes per request
     try:
         tracker = Tracker(uri, cfg.name, artifacts)
         parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo)
     except Exception as e:
         if not mlflow_uri:
             raise
-        raise SearchError(f"cannot reach MLflow at {uri} ({_first_line(e)}): start it (`s3 mlflow-server`, "
+        raise SearchError(f"cannot reach MLflow at {uri} ({first_line(e)}): start it (`s3 mlflow-server`, "
                           f"`make mlflow`) or leave out --mlflow-uri to track in the run directory, then rerun "
                           f"this command") from e
 
@@ -148,9 +148,6 @@ def _searcher_taus(tune_dir: Path) -> list[dict]:
     return predictor_quality(state)
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:300]
-
 
 def _sync(tracker, records, out, last: bool = False) -> int | None:
     """Log the trials missing from MLflow; None if the server could not be reached."""
@@ -159,7 +156,7 @@ def _sync(tracker, records, out, last: bool = False) -> int | None:
     except Exception as e:  # the server may still be down: the records stay in runs/<name>/tune
         then = ("rerun the same `s3 search` command with --resume once the server is back (finished trials are not re-run)"
                 if last else "trying again after the final evaluation")
-        print(f"warning: MLflow sync at {tracker.uri} failed ({_first_line(e)}); the trials' results are in "
+        print(f"warning: MLflow sync at {tracker.uri} failed ({first_line(e)}); the trials' results are in "
               f"the run directory (tune/): {then}", file=out)
         return None
 
@@ -292,5 +289,5 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
             tracker.client.log_artifacts(parent_id, str(grids), "grids")
         tracker.client.set_terminated(parent_id, "FINISHED")
     except Exception as e:
-        print(f"warning: logging the summary to MLflow failed ({_first_line(e)}); files are in {run_dir}; rerun the "
+        print(f"warning: logging the summary to MLflow failed ({first_line(e)}); files are in {run_dir}; rerun the "
               f"same `s3 search` command with --resume once the server is back to log them", file=out)

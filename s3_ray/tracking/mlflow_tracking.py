@@ -12,11 +12,15 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import time
 
 from ray.tune import Callback
 
+from s3_ray.errors import first_line
+from s3_ray.tracking.server import NO_TELEMETRY
 from s3_ray.usf.schedule import SolverSchedule
 
 log = logging.getLogger("s3_ray.tracking")
@@ -29,8 +33,8 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch request
 TRIAL_METRICS = ("score", "fid", "kid", "kid_std", "rmse", "seconds", "failed")
 
 # The MLflow client retries an HTTP request 7 times with exponential backoff and waits up to 120 s per
-# attempt by default (measured: 246 s for one request to a closed port): a server outage would stall
-# the Tune driver loop (where the callback runs) for minutes per trial.
+# attempt by default (measured: 246 s for one request to a closed port): a server outage would hold
+# the trial logger for minutes per trial and the end of the search with it.
 # Searches bound that (a failed request gives up after ~2 s when the server refuses connections);
 # values already in the environment win. A trial that cannot be logged stays in Tune's results.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -38,9 +42,9 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 RETRY_AFTER_S = 5.0  # while the server is down, the callback probes /health at most this often
 
 
-def bound_http_retries() -> None:
-    """Bound the MLflow client's HTTP retries/timeouts for this process (see ``HTTP_LIMITS``)."""
-    for k, v in HTTP_LIMITS.items():
+def set_client_env() -> None:
+    """Defaults for this process's MLflow client: bounded HTTP retries (``HTTP_LIMITS``), no telemetry."""
+    for k, v in {**HTTP_LIMITS, **NO_TELEMETRY}.items():
         os.environ.setdefault(k, v)
 
 
@@ -79,6 +83,7 @@ class Tracker:
     """Thin wrapper over ``MlflowClient`` for one search (experiment = search name)."""
 
     def __init__(self, tracking_uri: str, search_name: str, artifact_root: str | None = None):
+        set_client_env()
         from mlflow.tracking import MlflowClient
 
         self.uri, self.search_name = tracking_uri, search_name
@@ -178,10 +183,16 @@ class MlflowTrialCallback(Callback):
     """Ray Tune callback: logs each completed trial as a child run. Only its arguments are pickled
     into ``tuner.pkl`` (the Tracker and the pending trials are rebuilt / re-synced after a restore).
 
+    Logging runs in a background thread, not in Tune's loop: a child run costs ~40-60 ms of CPU with
+    an sqlite store (measured), which would otherwise delay every next trial by as much. The end of
+    the experiment waits for the thread, so the driver's final sync never races it.
+
     If the tracking server is unreachable, the trial is kept in memory (it is also in Tune's results
     in the run directory) and the search goes on: while the server is down, ``/health`` is probed at
     most every ``RETRY_AFTER_S`` seconds at a trial's completion, and the pending trials are logged
     as soon as it answers; the driver's final sync (or ``--resume``) logs whatever is still missing."""
+
+    _STOP = object()
 
     def __init__(self, tracking_uri: str, search_name: str, artifact_root: str | None = None):
         super().__init__()
@@ -191,6 +202,9 @@ class MlflowTrialCallback(Callback):
     def _reset(self):
         self._tracker = None
         self._pending: dict[str, tuple[dict, dict]] = {}
+        self._lock = threading.Lock()  # guards _pending (Tune's loop adds, the logger thread removes)
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
         self._down_since: float | None = None
         self._next_try = 0.0
 
@@ -203,7 +217,6 @@ class MlflowTrialCallback(Callback):
 
     def tracker(self) -> Tracker:
         if self._tracker is None:
-            bound_http_retries()
             t = Tracker(*self.args)
             runs = t.client.search_runs([t.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{t.search_name}' "
                                         f"and tags.`{KIND_TAG}` = 'search'", max_results=1)
@@ -214,8 +227,39 @@ class MlflowTrialCallback(Callback):
         return self._tracker
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._pending[trial.config["trial_key"]] = (trial.config, dict(trial.last_result or {}))
-        self.flush()
+        with self._lock:
+            self._pending[trial.config["trial_key"]] = (trial.config, dict(trial.last_result or {}))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._log_loop, name="s3-mlflow-log", daemon=True)
+            self._thread.start()
+        self._jobs.put(None)
+
+    def on_experiment_end(self, trials, **info):
+        self.close()
+
+    def wait(self) -> None:
+        """Block until the logger thread has handled every trial completed so far."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        """Flush what can be logged now and stop the logger thread (a later completion restarts it)."""
+        if self._thread is not None:
+            self._jobs.put(self._STOP)
+            self._thread.join()
+            self._thread = None
+
+    def _log_loop(self):
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is self._STOP or self._jobs.empty():  # one flush serves a burst of completions
+                    self.flush()
+            except Exception as e:  # noqa: BLE001 (the thread must live on; the final sync fills gaps)
+                _say(f"warning: logging trials to MLflow failed ({first_line(e)}); the end of the search retries")
+            finally:
+                self._jobs.task_done()
+            if job is self._STOP:
+                return
 
     def flush(self) -> int:
         """Log the pending trials unless the server is known to be down; returns how many were logged."""
@@ -225,31 +269,38 @@ class MlflowTrialCallback(Callback):
             self._next_try = max(self._next_try, now + RETRY_AFTER_S)
             return 0
         done = 0
-        for key in list(self._pending):
-            config, result = self._pending[key]
+        with self._lock:
+            keys = list(self._pending)
+        for key in keys:
+            with self._lock:
+                config, result = self._pending[key]
             try:
                 self.tracker().log_trial(key, config, result)
             except Exception as e:  # noqa: BLE001 (an outage must not stop the search; sync_trials fills gaps)
                 self._tracker = None
-                msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 if server_reachable(uri):  # the server is fine: this trial is the problem, not an outage
-                    del self._pending[key]
-                    _say(f"warning: logging trial {key} to MLflow failed ({msg}); the end of the search retries it")
+                    with self._lock:
+                        del self._pending[key]
+                    _say(f"warning: logging trial {key} to MLflow failed ({first_line(e)}); the end of the search "
+                         f"retries it")
                     continue
                 self._next_try = time.monotonic() + RETRY_AFTER_S
                 if self._down_since is None:
                     self._down_since = now
-                    _say(f"warning: MLflow at {uri} is unreachable ({msg}). The search goes on; {len(self._pending)} "
-                         f"trial(s) wait in the run directory (tune/) and are logged when the server is back, at "
-                         f"the end of the search, or by rerunning the same `s3 search` command with --resume")
+                    _say(f"warning: MLflow at {uri} is unreachable ({first_line(e)}). The search goes on; "
+                         f"{len(self._pending)} trial(s) wait in the run directory (tune/) and are logged when the "
+                         f"server is back, at the end of the search, or by rerunning the same `s3 search` command "
+                         f"with --resume")
                 return done
-            del self._pending[key]
+            with self._lock:
+                del self._pending[key]
             done += 1
         if self._down_since is not None:
             _say(f"MLflow at {uri} is reachable again after {now - self._down_since:.0f} s: "
                  f"logged {done} pending trial(s)")
             self._down_since = None
         return done
+
 
 
 def _say(msg: str) -> None:

@@ -24,6 +24,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 HEALTH_TIMEOUT_S = 120.0  # measured: healthy after 15-23 s on 2 cores (first start: DB migrations)
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# MLflow >= 3.2 sends usage data to config.mlflow-telemetry.io from every client and server by
+# default; our processes talk only to the tracking server they are given. A value already in the
+# environment wins (MLFLOW_DISABLE_TELEMETRY=false opts back in).
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 class ServerError(RuntimeError):
@@ -62,7 +66,7 @@ def server_command(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str
 def server_env(base: dict | None = None) -> dict:
     env = dict(os.environ if base is None else base)
     env.update(SERVER_ENV)
-    return env
+    return {**NO_TELEMETRY, **env}
 
 
 def port_in_use(host: str, port: int) -> bool:
