@@ -9,7 +9,8 @@ change): wall time of ``Tuner.fit``, the driver process's CPU time, and the time
 of every trial completion. Needs root (network namespaces); ``--hosts same`` instead runs every node
 on this machine's own network stack (Ray's ``cluster_utils.Cluster``) where ``ip netns`` is missing.
 Variants: ``fix`` (the driver as shipped), ``ahead`` (``plan_ahead``: the next stage is planned while
-the stage's last trials run), ``nofix`` (Tune's default actor cache). Writes
+the stage's last trials run), ``nofix`` (Tune's default actor cache), ``synclog`` (Tune's loop waits
+for each trial's MLflow child run, as before the logger thread). Writes
 benchmarks/results/scaling<tag>.{json,md}.
 
     python benchmarks/scaling.py [--workers 1,2] [--budget 160] [--variants fix,ahead] [--repeats 2]
@@ -120,6 +121,16 @@ def driver(a) -> None:
                             driver_cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
 
     tune.Tuner.fit = fit
+    if os.environ.get("S3_BENCH_SYNC_LOG") == "1":  # variant 'synclog': Tune's loop waits for each child run
+        from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback
+
+        logged = MlflowTrialCallback.on_trial_complete
+
+        def log_and_wait(self, *args, **kwargs):
+            logged(self, *args, **kwargs)
+            self.wait()
+
+        MlflowTrialCallback.on_trial_complete = log_and_wait
     cfg = parse_config(json.loads(a.space_json), "benchmark space")
     t0 = time.time()
     with open(os.devnull, "w") as devnull:
@@ -256,7 +267,8 @@ def run_driver(prefix: list[str], address: str, env: dict, list_pids, a, tmp: Pa
     """Run the search driver (``prefix`` + this script's ``_driver``) against the cluster at
     ``address``, measuring the CPU of the cluster's processes (``list_pids``) and of everything else."""
     out = tmp / f"w{workers}-{time.time_ns()}.json"
-    env = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1"}
+    env = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1",
+           "S3_BENCH_SYNC_LOG": "1" if variant == "synclog" else "0"}
     plan_ahead = PLAN_AHEAD if variant == "ahead" else 0
     cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "_driver", "--address", address,
            "--runs", str(tmp / "runs"), "--out", str(out),
@@ -358,7 +370,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="fix,ahead", help="fix: the driver as shipped (plan_ahead 0); ahead: "
                    f"plan_ahead {PLAN_AHEAD}; nofix: with S3_TUNE_KEEP_IDLE_ACTORS=0 (Tune's default actor cache, see "
-                   "s3_ray/search/actor_cache.py)")
+                   "s3_ray/search/actor_cache.py); synclog: as fix, Tune's loop waiting for each MLflow child run")
     p.add_argument("--hosts", choices=("netns", "same"), default="netns",
                    help="netns: cluster/local.sh (one network namespace per node, token auth); same: every node "
                    "on this machine's network stack (ray.cluster_utils), where ip netns is unavailable")
@@ -424,7 +436,9 @@ def report(runs, a, workers, variants, machine=None):
            "variants": {"fix": "driver as shipped (s3_ray/search/actor_cache.py keeps idle trial actors), plan_ahead 0",
                         "ahead": f"as fix, with plan_ahead {PLAN_AHEAD}: the next stage is planned in the background "
                                  "while the stage's last trials run",
-                        "nofix": "S3_TUNE_KEEP_IDLE_ACTORS=0: Tune's default actor cache"},
+                        "nofix": "S3_TUNE_KEEP_IDLE_ACTORS=0: Tune's default actor cache",
+                        "synclog": "as fix, but Tune's loop waits for each trial's MLflow child run (the logging "
+                                   "before it moved to a background thread)"},
            "median": agg, "speedup": speedup, "targets": {"speedup_1_to_2": 1.8, "searcher_share_max": 0.05},
            "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -524,6 +538,15 @@ def diagnosis(agg, speedup, workers, variants, machine, budget) -> list[str]:
                      f"{100 * one['idle_share']:.0f} % / {100 * two['idle_share']:.0f} %); trials/min vs fix: "
                      f"{a1['trials_per_min'] / one['trials_per_min']:.2f}x with {workers[0]}, "
                      f"{a2['trials_per_min'] / two['trials_per_min']:.2f}x with {workers[-1]} workers.")
+    if "synclog" in variants:
+        s1, s2 = agg[f"synclog/{workers[0]}"], agg[f"synclog/{workers[-1]}"]
+        lines.append(f"- MLflow logging in a background thread (fix) against logging in Tune's loop (synclog): "
+                     f"median turnaround from a result to the next trial {1000 * one['median_turnaround_s']:.0f} / "
+                     f"{1000 * two['median_turnaround_s']:.0f} ms against {1000 * s1['median_turnaround_s']:.0f} / "
+                     f"{1000 * s2['median_turnaround_s']:.0f} ms ({workers[0]} / {workers[-1]} workers); trials/min "
+                     f"fix vs synclog: {one['trials_per_min'] / s1['trials_per_min']:.2f}x with {workers[0]}, "
+                     f"{two['trials_per_min'] / s2['trials_per_min']:.2f}x with {workers[-1]} workers; synclog's "
+                     f"speed-up {speedup['synclog']['trials_per_min']:.2f}x.")
     if "nofix" in variants:
         lines.append(f"- Without the actor-cache fix (Tune keeps one idle actor at a stage boundary) the speed-up is "
                      f"{speedup['nofix']['trials_per_min']:.2f}x: after the first boundary every trial ran on one "
