@@ -35,7 +35,7 @@ RESULTS = Path(os.environ.get("S3_BENCH_RESULTS", ROOT / "benchmarks" / "results
 SCRIPT = ROOT / "cluster" / "local.sh"
 CLUSTER = "s3bench"
 # Variant 'ahead': trials of a phase that run while the next stage is planned. Those trials count
-# only from the stage after: stage 0 here trains on 4 of the 12 seed results, so 'ahead' is a
+# only from the stage after: stage 0 here trains on 4 of the 12 seed results (seed_count), so 'ahead' is a
 # different search; the variants compare throughput, not search quality.
 PLAN_AHEAD = 8
 
@@ -50,6 +50,11 @@ def space(budget: int, samples: int, nfe: int, concurrency: int, plan_ahead: int
         "predictor": {"hidden": [64, 64], "epochs": 300, "candidates": 400},
         "concurrency": concurrency, "seed": 0, "plan_ahead": plan_ahead,
     }
+
+
+def seed_count(sp: dict) -> int:
+    """Schedules of the seed phase: every baseline on every discretization, plus the random ones."""
+    return len(sp["baselines"]) * len(sp["discretizations"]) + sp["random_init"]
 
 
 # ---- driver (runs inside the head's namespace) ---------------------------------------------------
@@ -443,12 +448,15 @@ def report(runs, a, workers, variants, machine=None):
            "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"scaling{a.tag}.json").write_text(json.dumps(out, indent=1) + "\n")
+    sp = space(a.budget, a.samples, a.nfe, 0)
+    seeds = seed_count(sp)
     md = [f"# Scaling over Ray worker nodes ({' / '.join(map(str, workers))} workers, 1 CPU each)", "",
           ("Cluster from `cluster/local.sh` (network namespaces, token auth" if hosts == "netns" else
            "Cluster of Ray nodes on one network stack (`--hosts same`: `ray.cluster_utils.Cluster`, no token auth")
           + "; the head has 0 CPUs for trials, so trials run on the worker nodes only), the search driver on the "
           f"head node. Embedded digits model, "
-          f"NFE {a.nfe}, {a.samples} samples per trial, budget {a.budget} (12 seed schedules + 3 stages), "
+          f"NFE {a.nfe}, {a.samples} samples per trial, budget {a.budget} ({seeds} seed schedules + {sp['stages']} "
+          f"stages), "
           f"predictor 300 epochs / 400 candidates, concurrency = workers. {a.repeats} interleaved repeats, "
           f"medians. Machine: {machine['cpus']} CPU cores shared by the head (GCS, dashboard, driver), the "
           f"workers and any other process"
@@ -469,7 +477,7 @@ def report(runs, a, workers, variants, machine=None):
                       f"{m['median_trial_eval_s']:.2f} | {m['our_cpu_cores']:.2f} / {m['other_cpu_cores']:.2f} |")
     md += [""] + [f"Speed-up {workers[0]} -> {workers[-1]} workers ({v}): {sp['trials_per_min']:.2f}x over the whole "
                   f"fit, {sp['steady_trials_per_min']:.2f}x in steady state (target >= 1.8x)." for v, sp in speedup.items()]
-    md += diagnosis(agg, speedup, workers, variants, machine, a.budget)
+    md += diagnosis(agg, speedup, workers, variants, machine, (a.budget - seeds) / sp["stages"])
     md += ["", "trials/min = trials / wall time of `Tuner.fit` (start-up, every stage boundary included); steady = "
            "completions after the first one per node / the time they took. Searcher = time inside "
            "`S3Searcher.suggest`, `on_trial_complete` and `save` (the driver's loop waits meanwhile); with "
@@ -498,7 +506,7 @@ def report(runs, a, workers, variants, machine=None):
     print("\n".join(md))
 
 
-def diagnosis(agg, speedup, workers, variants, machine, budget) -> list[str]:
+def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> list[str]:
     """Where the time goes, from the medians (the targets: >= 1.8x from 1 to 2 workers, searcher < 5 %)."""
     if len(workers) < 2 or "fix" not in variants:
         return []
@@ -523,7 +531,7 @@ def diagnosis(agg, speedup, workers, variants, machine, budget) -> list[str]:
              f"- Searcher time is stage planning: the predictor fit and generating, encoding and ranking mutants, "
              f"all while the workers wait; it is "
              f"{100 * one['searcher_share_of_driver_cpu']:.0f} % of the driver's CPU time. It is a fixed cost per "
-             f"stage, so its share falls with the budget per stage (here {(budget - 12) / 3:.0f} trials per stage)."]
+             f"stage, so its share falls with the budget per stage (here {per_stage:.0f} trials per stage)."]
     if "ahead" in variants:
         a1, a2 = agg[f"ahead/{workers[0]}"], agg[f"ahead/{workers[-1]}"]
         sp = speedup["ahead"]
