@@ -94,11 +94,13 @@ def test_callback_does_not_stall_on_a_dead_server(monkeypatch, capsys):
     cb.on_trial_complete(0, [], trial)
     cb.wait()
     first = time.monotonic() - t0
+    next_probe = cb._next_try
     trial2 = SimpleNamespace(config={"trial_key": "00002-def"}, last_result={"score": 2.0})
     t1 = time.monotonic()
     cb.on_trial_complete(1, [], trial2)
     cb.wait()
     second = time.monotonic() - t1
+    assert cb._next_try == next_probe  # completions while down do not put the next probe off
     assert first < 15, f"the logger gave up on the dead server only after {first:.1f} s"
     assert second < 1.0 and set(cb._pending) == {"00001-abc", "00002-def"}
     cb.on_experiment_end([])

@@ -228,7 +228,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         with self._lock:
-            self._pending[trial.config["trial_key"]] = (trial.config, dict(trial.last_result or {}))
+            self._pending[trial.config["trial_key"]] = (dict(trial.config), dict(trial.last_result or {}))
         if self._thread is None:
             self._thread = threading.Thread(target=self._log_loop, name="s3-mlflow-log", daemon=True)
             self._thread.start()
@@ -239,10 +239,13 @@ class MlflowTrialCallback(Callback):
 
     def wait(self) -> None:
         """Block until the logger thread has handled every trial completed so far."""
-        self._jobs.join()
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.join()
 
     def close(self) -> None:
-        """Flush what can be logged now and stop the logger thread (a later completion restarts it)."""
+        """Flush what can be logged now (probing a server that was down) and stop the logger thread (a
+        later completion restarts it). It waits as long as that takes (~50 s at most with HTTP_LIMITS):
+        the driver's final sync must not race it."""
         if self._thread is not None:
             self._jobs.put(self._STOP)
             self._thread.join()
@@ -252,7 +255,9 @@ class MlflowTrialCallback(Callback):
         while True:
             job = self._jobs.get()
             try:
-                if job is self._STOP or self._jobs.empty():  # one flush serves a burst of completions
+                if job is self._STOP:
+                    self.flush(probe=True)
+                elif self._jobs.empty():  # one flush serves a burst of completions
                     self.flush()
             except Exception as e:  # noqa: BLE001 (the thread must live on; the final sync fills gaps)
                 _say(f"warning: logging trials to MLflow failed ({first_line(e)}); the end of the search retries")
@@ -261,13 +266,17 @@ class MlflowTrialCallback(Callback):
             if job is self._STOP:
                 return
 
-    def flush(self) -> int:
-        """Log the pending trials unless the server is known to be down; returns how many were logged."""
+    def flush(self, probe: bool = False) -> int:
+        """Log the pending trials unless the server is known to be down (probed at most every
+        RETRY_AFTER_S seconds, or now with ``probe``); returns how many were logged."""
         uri = self.args[0]
         now = time.monotonic()
-        if self._down_since is not None and (now < self._next_try or not server_reachable(uri)):
-            self._next_try = max(self._next_try, now + RETRY_AFTER_S)
-            return 0
+        if self._down_since is not None:
+            if now < self._next_try and not probe:
+                return 0
+            if not server_reachable(uri):
+                self._next_try = now + RETRY_AFTER_S
+                return 0
         done = 0
         with self._lock:
             keys = list(self._pending)
