@@ -197,7 +197,6 @@ def _status(info) -> str:
     return getattr(s, "value", str(s))
 
 
-
 # ---- s3 submit ---------------------------------------------------------------------------------
 
 def search_entrypoint(space_json: str, *, mlflow_uri=None, budget=None, algo="s3", name=None, runs=None,

@@ -148,7 +148,6 @@ def _searcher_taus(tune_dir: Path) -> list[dict]:
     return predictor_quality(state)
 
 
-
 def _sync(tracker, records, out, last: bool = False) -> int | None:
     """Log the trials missing from MLflow; None if the server could not be reached."""
     try:

@@ -244,8 +244,8 @@ class MlflowTrialCallback(Callback):
 
     def close(self) -> None:
         """Flush what can be logged now (probing a server that was down) and stop the logger thread (a
-        later completion restarts it). It waits as long as that takes (~50 s at most with HTTP_LIMITS):
-        the driver's final sync must not race it."""
+        later completion restarts it). It waits as long as that takes (bounded by HTTP_LIMITS: 3
+        attempts of at most 15 s per request): the driver's final sync must not race it."""
         if self._thread is not None:
             self._jobs.put(self._STOP)
             self._thread.join()
@@ -253,17 +253,15 @@ class MlflowTrialCallback(Callback):
 
     def _log_loop(self):
         while True:
-            job = self._jobs.get()
+            stop = self._jobs.get() is self._STOP
             try:
-                if job is self._STOP:
-                    self.flush(probe=True)
-                elif self._jobs.empty():  # one flush serves a burst of completions
-                    self.flush()
+                if stop or self._jobs.empty():  # one flush serves a burst of completions
+                    self.flush(probe=stop)
             except Exception as e:  # noqa: BLE001 (the thread must live on; the final sync fills gaps)
                 _say(f"warning: logging trials to MLflow failed ({first_line(e)}); the end of the search retries")
             finally:
                 self._jobs.task_done()
-            if job is self._STOP:
+            if stop:
                 return
 
     def flush(self, probe: bool = False) -> int:
@@ -279,10 +277,8 @@ class MlflowTrialCallback(Callback):
                 return 0
         done = 0
         with self._lock:
-            keys = list(self._pending)
-        for key in keys:
-            with self._lock:
-                config, result = self._pending[key]
+            pending = list(self._pending.items())
+        for key, (config, result) in pending:
             try:
                 self.tracker().log_trial(key, config, result)
             except Exception as e:  # noqa: BLE001 (an outage must not stop the search; sync_trials fills gaps)
@@ -309,7 +305,6 @@ class MlflowTrialCallback(Callback):
                  f"logged {done} pending trial(s)")
             self._down_since = None
         return done
-
 
 
 def _say(msg: str) -> None:
