@@ -67,6 +67,10 @@ def test_smoke_search_end_to_end(tmp_path):
     # Tune's own results: every trial once, all terminated
     trials = tune_trials(run_dir / "tune")
     assert len(trials) == cfg.budget and all(t["status"] == "TERMINATED" for t in trials)
+    # per trial only Tune's JSON log (its ResultGrid reads it): no TensorBoard or CSV files in the driver's loop
+    logs = [f.name for f in (run_dir / "tune").glob("*/*") if f.parent.is_dir() and f.is_file()]
+    assert logs.count("result.json") == cfg.budget
+    assert not [f for f in logs if f.startswith("events.out.tfevents") or f == "progress.csv"]
     # each stage trained on every result but the previous stage's last one
     state = json.loads(max((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())
     starts = [min(r["index"] for r in state["results"] if r["stage"] == k) for k in range(cfg.stages)]
