@@ -10,7 +10,8 @@ of every trial completion. Needs root (network namespaces); ``--hosts same`` ins
 on this machine's own network stack (Ray's ``cluster_utils.Cluster``) where ``ip netns`` is missing.
 Variants: ``fix`` (the driver as shipped), ``ahead`` (``plan_ahead``: the next stage is planned while
 the stage's last trials run), ``nofix`` (Tune's default actor cache), ``synclog`` (Tune's loop waits
-for each trial's MLflow child run, as before the logger thread). Writes
+for each trial's MLflow child run, as before the logger thread), ``tunelogs`` (Tune's default CSV and
+TensorBoard loggers on, as before they were turned off). Writes
 benchmarks/results/scaling<tag>.{json,md}.
 
     python benchmarks/scaling.py [--workers 1,2] [--budget 160] [--variants fix,ahead] [--repeats 2]
@@ -191,7 +192,7 @@ class ClusterCpu:
     def __init__(self, list_pids):
         import threading
 
-        self.list_pids, self.first, self.last = list_pids, {}, {}
+        self.list_pids, self.first, self.last, self.kind = list_pids, {}, {}, {}
         self.first = self._sample()
         self.last = dict(self.first)
         self._stop = threading.Event()
@@ -204,6 +205,8 @@ class ClusterCpu:
             try:
                 f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[int(pid)] = int(f[11]) + int(f[12])  # utime + stime of the process (all its threads)
+                if int(pid) not in self.kind or self.kind[int(pid)] == "other":
+                    self.kind[int(pid)] = process_kind(Path(f"/proc/{pid}/cmdline").read_bytes())
             except (OSError, IndexError, ValueError):
                 pass
         return out
@@ -218,6 +221,31 @@ class ClusterCpu:
         self.last.update(self._sample())
         ticks = sum(v - self.first.get(pid, 0) for pid, v in self.last.items())
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind of process (``process_kind``), after ``stop``."""
+        out: dict[str, float] = {}
+        for pid, v in self.last.items():
+            k = self.kind.get(pid, "other")
+            out[k] = out.get(k, 0.0) + (v - self.first.get(pid, 0)) / os.sysconf("SC_CLK_TCK")
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# Ray's own binaries by name; Python processes by a substring of their command line (the first match
+# wins). Ray's workers retitle themselves "ray::<task>"; before that they run default_worker.py.
+BINARY_KINDS = {"gcs_server": "GCS", "raylet": "raylets"}
+PROCESS_KINDS = (("_driver", "driver"), ("ray::", "trial workers"), ("default_worker.py", "trial workers"),
+                 ("dashboard/dashboard.py", "dashboard (head)"), ("dashboard/agent.py", "dashboard agents"),
+                 ("runtime_env/agent", "runtime-env agents"), ("log_monitor.py", "log monitors"),
+                 ("monitor.py", "autoscaler monitor"))
+
+
+def process_kind(cmdline: bytes) -> str:
+    argv = cmdline.decode(errors="replace").split("\0")
+    if Path(argv[0]).name in BINARY_KINDS:
+        return BINARY_KINDS[Path(argv[0]).name]
+    text = " ".join(argv)
+    return next((kind for key, kind in PROCESS_KINDS if key in text), "other")
 
 
 def cluster_settings(env: dict) -> dict:
@@ -274,6 +302,8 @@ def run_driver(prefix: list[str], address: str, env: dict, list_pids, a, tmp: Pa
     out = tmp / f"w{workers}-{time.time_ns()}.json"
     env = {**env, "S3_TUNE_KEEP_IDLE_ACTORS": "0" if variant == "nofix" else "1",
            "S3_BENCH_SYNC_LOG": "1" if variant == "synclog" else "0"}
+    if variant == "tunelogs":
+        env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
     plan_ahead = PLAN_AHEAD if variant == "ahead" else 0
     cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "_driver", "--address", address,
            "--runs", str(tmp / "runs"), "--out", str(out),
@@ -282,12 +312,14 @@ def run_driver(prefix: list[str], address: str, env: dict, list_pids, a, tmp: Pa
     sampler = ClusterCpu(list_pids)
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     window, ours = time.time() - w0, sampler.stop()
+    by_kind = sampler.by_kind()
     other = max(0.0, machine_busy_s() - busy0 - ours)
     if r.returncode != 0:
         raise RuntimeError(f"driver failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     d = json.loads(out.read_text())
     d.update(workers=workers, variant=variant, up_s=up_s, loadavg_before=load0, loadavg_after=os.getloadavg(),
-             other_cpu_cores=other / window, our_cpu_cores=ours / window)
+             other_cpu_cores=other / window, our_cpu_cores=ours / window,
+             cpu_s_by_process_kind={k: round(v, 2) for k, v in by_kind.items()}, window_s=window)
     return summarize(d)
 
 
@@ -315,6 +347,7 @@ def summarize(d: dict) -> dict:
         "trials_per_node": sorted(nodes.values(), reverse=True), "cluster_up_s": d["up_s"],
         "total_with_final_eval_s": d["total_s"], "loadavg_before": d["loadavg_before"],
         "our_cpu_cores": d["our_cpu_cores"], "other_cpu_cores": d["other_cpu_cores"],
+        "cpu_s_by_process_kind": d["cpu_s_by_process_kind"], "cpu_window_s": d["window_s"],
         "trial_log": [[round(c[0] - fit["start"], 3), c[1][:8] if c[1] else None, c[2], c[3], c[4]]
                       for c in sorted(d["completions"])],
         "suggest_log": [round(t - fit["start"], 3) for t in d["suggestions"]],
@@ -375,7 +408,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="fix,ahead", help="fix: the driver as shipped (plan_ahead 0); ahead: "
                    f"plan_ahead {PLAN_AHEAD}; nofix: with S3_TUNE_KEEP_IDLE_ACTORS=0 (Tune's default actor cache, see "
-                   "s3_ray/search/actor_cache.py); synclog: as fix, Tune's loop waiting for each MLflow child run")
+                   "s3_ray/search/actor_cache.py); synclog: as fix, Tune's loop waiting for each MLflow child run; "
+                   "tunelogs: as fix, with Tune's default CSV and TensorBoard loggers")
     p.add_argument("--hosts", choices=("netns", "same"), default="netns",
                    help="netns: cluster/local.sh (one network namespace per node, token auth); same: every node "
                    "on this machine's network stack (ray.cluster_utils), where ip netns is unavailable")
@@ -413,13 +447,15 @@ def main(argv=None):
 
 KEYS = ("trials_per_min", "steady_trials_per_min", "fit_wall_s", "searcher_s", "searcher_share", "idle_share",
         "worker_idle_share", "planning_s", "median_turnaround_s", "first_completion_s",
-        "driver_cpu_share", "searcher_share_of_driver_cpu", "median_trial_eval_s", "our_cpu_cores", "other_cpu_cores")
+        "driver_cpu_share", "searcher_share_of_driver_cpu", "median_trial_eval_s", "our_cpu_cores", "other_cpu_cores",
+        "driver_fit_cpu_ms_per_trial")
 
 
 def report(runs, a, workers, variants, machine=None):
     for r in runs:
         r["median_trial_eval_s"] = statistics.median(x[2] for x in r["trial_log"] if x[2] is not None)
         r["median_turnaround_s"] = turnaround(r)
+        r["driver_fit_cpu_ms_per_trial"] = 1000 * r["driver_cpu_s"] / r["trials"]
     agg = {}
     for v in variants:
         for w in workers:
@@ -443,7 +479,9 @@ def report(runs, a, workers, variants, machine=None):
                                  "while the stage's last trials run",
                         "nofix": "S3_TUNE_KEEP_IDLE_ACTORS=0: Tune's default actor cache",
                         "synclog": "as fix, but Tune's loop waits for each trial's MLflow child run (the logging "
-                                   "before it moved to a background thread)"},
+                                   "before it moved to a background thread)",
+                        "tunelogs": "as fix, with Tune's default CSV and TensorBoard trial loggers (as before they "
+                                    "were turned off)"},
            "median": agg, "speedup": speedup, "targets": {"speedup_1_to_2": 1.8, "searcher_share_max": 0.05},
            "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -478,6 +516,7 @@ def report(runs, a, workers, variants, machine=None):
     md += [""] + [f"Speed-up {workers[0]} -> {workers[-1]} workers ({v}): {sp['trials_per_min']:.2f}x over the whole "
                   f"fit, {sp['steady_trials_per_min']:.2f}x in steady state (target >= 1.8x)." for v, sp in speedup.items()]
     md += diagnosis(agg, speedup, workers, variants, machine, (a.budget - seeds) / sp["stages"])
+    md += cpu_by_process_table(runs, variants, workers)
     md += ["", "trials/min = trials / wall time of `Tuner.fit` (start-up, every stage boundary included); steady = "
            "completions after the first one per node / the time they took. Searcher = time inside "
            "`S3Searcher.suggest`, `on_trial_complete` and `save` (the driver's loop waits meanwhile); with "
@@ -504,6 +543,29 @@ def report(runs, a, workers, variants, machine=None):
                   f"{r['trials_per_node']} | {r['our_cpu_cores']:.2f} / {r['other_cpu_cores']:.2f} |")
     (RESULTS / f"scaling{a.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def cpu_by_process_table(runs, variants, workers) -> list[str]:
+    """Median CPU ms per trial by kind of process (whole driver run: start-up and final evaluation too)."""
+    runs = [r for r in runs if "cpu_s_by_process_kind" in r]
+    if not runs:
+        return []
+    kinds = ["trial workers", "driver", "raylets", "GCS", "dashboard (head)", "log monitors", "autoscaler monitor",
+             "other"]
+    lines = ["", "CPU per trial by process (ms; median over repeats; from the driver's start to its exit, so "
+             "start-up and the final evaluation are in it; the driver's CPU inside `Tuner.fit` alone in the "
+             "last column):", "", "| variant | workers | " + " | ".join(kinds) + " | driver in fit |",
+             "|---|---|" + "---|" * (len(kinds) + 1)]
+    for v in variants:
+        for w in workers:
+            rs = [r for r in runs if r["workers"] == w and r["variant"] == v]
+            if not rs:
+                continue
+            cells = [statistics.median(1000 * r["cpu_s_by_process_kind"].get(k, 0.0) / r["trials"] for r in rs)
+                     for k in kinds]
+            fit_ms = statistics.median(r["driver_fit_cpu_ms_per_trial"] for r in rs)
+            lines.append(f"| {v} | {w} | " + " | ".join(f"{c:.0f}" for c in cells) + f" | {fit_ms:.0f} |")
+    return lines
 
 
 def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> list[str]:
@@ -555,6 +617,18 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
                      f"fix vs synclog: {one['trials_per_min'] / s1['trials_per_min']:.2f}x with {workers[0]}, "
                      f"{two['trials_per_min'] / s2['trials_per_min']:.2f}x with {workers[-1]} workers; synclog's "
                      f"speed-up {speedup['synclog']['trials_per_min']:.2f}x.")
+    if "tunelogs" in variants:
+        t1, t2 = agg[f"tunelogs/{workers[0]}"], agg[f"tunelogs/{workers[-1]}"]
+        lines.append(f"- Tune's CSV and TensorBoard trial loggers off (fix) against on (tunelogs): the driver's CPU "
+                     f"in `Tuner.fit` {one['driver_fit_cpu_ms_per_trial']:.0f} / "
+                     f"{two['driver_fit_cpu_ms_per_trial']:.0f} ms per trial against "
+                     f"{t1['driver_fit_cpu_ms_per_trial']:.0f} / {t2['driver_fit_cpu_ms_per_trial']:.0f} ms "
+                     f"({workers[0]} / {workers[-1]} workers); median turnaround "
+                     f"{1000 * one['median_turnaround_s']:.0f} / {1000 * two['median_turnaround_s']:.0f} ms against "
+                     f"{1000 * t1['median_turnaround_s']:.0f} / {1000 * t2['median_turnaround_s']:.0f} ms; trials/min "
+                     f"fix vs tunelogs: {one['trials_per_min'] / t1['trials_per_min']:.2f}x with {workers[0]}, "
+                     f"{two['trials_per_min'] / t2['trials_per_min']:.2f}x with {workers[-1]} workers; tunelogs' "
+                     f"speed-up {speedup['tunelogs']['trials_per_min']:.2f}x.")
     if "nofix" in variants:
         lines.append(f"- Without the actor-cache fix (Tune keeps one idle actor at a stage boundary) the speed-up is "
                      f"{speedup['nofix']['trials_per_min']:.2f}x: after the first boundary every trial ran on one "
