@@ -118,6 +118,7 @@ class MetricConfig(_Cfg):
     samples: tuple[int, ...] = (1000,)
     final_samples: int = Field(default=2000, ge=2)
     final_seeds: int = Field(default=2, ge=1, description="fresh seeds for the final re-evaluation")
+    reference_samples: int = Field(default=2000, ge=2, description="size of the 'model' reference set")
     feature_extractor: str = "s3-digits"
     feature_extractor_weights_path: str | None = None
     worst_score: float = Field(default=1e4, gt=0, description="score of a schedule that produced NaN/Inf")

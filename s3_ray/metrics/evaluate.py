@@ -13,12 +13,12 @@ import math
 import os
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from s3_ray.config import MetricConfig, ModelConfig
+from s3_ray.metrics.fid import file_sha256
 from s3_ray.models.adapter import ModelAdapter
 from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.sampler import SamplerPlan
@@ -40,6 +40,7 @@ class Target:
     def __init__(self, model_cfg: ModelConfig, metric_cfg: MetricConfig):
         self.model_cfg, self.metric_cfg = model_cfg, metric_cfg
         self.noise = get_noise_schedule(model_cfg.noise_schedule)
+        self.device = torch.device("cpu")
         if model_cfg.kind == "digits":
             from s3_ray.models.digits import UNET_PATH, load_digits_data, load_digits_model
 
@@ -48,7 +49,7 @@ class Target:
             self.shape = tuple(train[0].shape[1:])
             self.data_mean = torch.from_numpy(train[0].mean(0))
             self.model = ModelAdapter(net, self.noise, output="eps", time_label="t")
-            self.weights_sha = _file_sha(UNET_PATH)
+            self.weights_sha = file_sha256(UNET_PATH)
             self.is_image = True
         elif model_cfg.kind == "gmm":
             from s3_ray.models.analytic import GaussianMixture
@@ -60,8 +61,23 @@ class Target:
             self.shape, self.data_mean = (d,), (torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) @ means)
             self.model = ModelAdapter(gmm.net, self.noise, output="x0", time_label="t")
             self.weights_sha, self.data_sha, self.is_image = "gmm-v1", "gmm-v1", False
+        elif model_cfg.kind == "checkpoint":
+            from s3_ray.models.checkpoint import check_scheduler, load_checkpoint
+
+            if metric_cfg.kind == "fid" and metric_cfg.reference == "data":
+                raise ValueError("metric.reference: 'data' needs the model's training set, which only the digits "
+                                 "model ships; use reference: model (samples of a 100-NFE solve) for a checkpoint")
+            check_scheduler(model_cfg.checkpoint, self.noise)
+            net, self.shape, self.weights_sha = load_checkpoint(model_cfg.checkpoint, model_cfg.image_shape)
+            if torch.cuda.is_available():  # a trial given a GPU by Ray sees it; noise stays on the CPU (seeds)
+                self.device = torch.device("cuda")
+                net.to(self.device)
+            # AFS needs E[x0]; with no data set, 0 (the centre of images scaled to [-1, 1])
+            self.data_mean = torch.zeros(self.shape)
+            self.model = ModelAdapter(net, self.noise, output=model_cfg.output, time_label=model_cfg.time_label)
+            self.data_sha, self.is_image = None, True
         else:
-            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported yet (digits, gmm)")
+            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported (digits, checkpoint, gmm)")
         if metric_cfg.kind == "fid" and not self.is_image:
             raise ValueError(f"metric.kind: FID needs an image model, {model_cfg.kind!r} has vectors (use rmse)")
         self.dtype = torch.float64 if model_cfg.kind == "gmm" else torch.float32
@@ -78,7 +94,7 @@ class Target:
         plan = SamplerPlan(schedule, self.noise)
         mean = self.data_mean.to(self.dtype)
         x_T = self.noise_batch(n, seed).split(chunk or SAMPLE_CHUNK)
-        return torch.cat([plan.run(self.model, x, data_mean=mean) for x in x_T])
+        return torch.cat([plan.run(self.model, x.to(self.device), data_mean=mean).cpu() for x in x_T])
 
     def reference_solution(self, n: int, seed: int) -> torch.Tensor:
         """High-accuracy solve from the same noise (for the RMSE proxy), cached per process."""
@@ -95,16 +111,18 @@ class Target:
         high-accuracy solve (generated once and cached on disk)."""
         if self.metric_cfg.reference == "data":
             return "train", None
-        return "model", model_reference_images(self)
+        return "model", model_reference_images(self, self.metric_cfg.reference_samples)
 
 
-def model_reference_images(target: Target, n: int = 2000) -> torch.Tensor:
+def model_reference_images(target: Target, n: int) -> torch.Tensor:
     """``n`` samples of ``target`` from the reference solver, as uint8, cached by weights hash."""
     from s3_ray.metrics.fid import cache_dir, uint8_images
     from s3_ray.usf.baselines import build_baseline
 
     name, nfe = REFERENCE_SOLVER
-    path = cache_dir() / f"model-ref-{target.weights_sha[:16]}-{name}-{nfe}-{n}-{MODEL_REFERENCE_SEED}.npy"
+    # same weights under another noise schedule, output or time label give other samples
+    how = hashlib.sha256(target.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
+    path = cache_dir() / f"model-ref-{target.weights_sha[:16]}-{how}-{name}-{nfe}-{n}-{MODEL_REFERENCE_SEED}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, allow_pickle=False))
     x = target.sample(build_baseline(name, target.noise, nfe), n, MODEL_REFERENCE_SEED)
@@ -145,7 +163,7 @@ def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | No
         from s3_ray.metrics.fid import fid_kid, uint8_images
 
         kind, ref = target.reference_images()
-        m = fid_kid(uint8_images(x), ref, reference_kind=kind if ref is None else "train",
+        m = fid_kid(uint8_images(x), ref, reference_kind=kind if ref is None else "train", cuda=target.device.type == "cuda",
                     feature_extractor=metric.feature_extractor,
                     feature_extractor_weights_path=metric.feature_extractor_weights_path)
         score = m["fid"] if math.isfinite(m["fid"]) else metric.worst_score
@@ -158,11 +176,3 @@ def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | No
 def get_target(model_json: str, metric_json: str) -> Target:
     """One Target per process and configuration (workers reuse the loaded model across trials)."""
     return Target(ModelConfig.model_validate_json(model_json), MetricConfig.model_validate_json(metric_json))
-
-
-def _file_sha(path) -> str:
-    h = hashlib.sha256()
-    with open(Path(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -66,11 +66,16 @@ def images_sha256(images_u8: torch.Tensor) -> str:
 
 
 def file_sha256(path) -> str:
+    """sha256 of a file, read in 1 MiB chunks; cached per process by (path, size, mtime)."""
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_SHA:
-        _FILE_SHA[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_SHA[key] = h.hexdigest()
     return _FILE_SHA[key]
 
 
