@@ -195,6 +195,18 @@ class SearchConfig(_Cfg):
             raise ValueError(f"unknown value(s) {bad} (known: {', '.join(known)})")
         return v
 
+    @model_validator(mode="after")
+    def _reference(self):
+        check_reference(self.model, self.metric)
+        return self
+
+
+def check_reference(model: ModelConfig, metric: MetricConfig) -> None:
+    """FID against 'data' needs the model's training set, which only the embedded digits model ships."""
+    if model.kind == "checkpoint" and metric.kind == "fid" and metric.reference == "data":
+        raise ValueError("metric.reference: 'data' needs the model's training set, which only the digits model "
+                         "ships; use reference: model (samples of a 100-NFE solve) for a checkpoint")
+
 
 def load_config(path) -> SearchConfig:
     """Read and validate a search-space YAML; ConfigError names the file and field."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from s3_ray.config import MetricConfig, ModelConfig
+from s3_ray.config import ConfigError, MetricConfig, ModelConfig, parse_config
 from s3_ray.metrics.evaluate import Target, evaluate
 from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.sampler import sample
@@ -125,6 +125,9 @@ def test_bad_checkpoints_are_refused_naming_the_field(pipeline_dir, tmp_path):
     assert "model.image_shape" in refused(model_cfg(pipeline_dir, image_shape=(3, 32, 32)))
     assert "model.noise_schedule" in refused(model_cfg(pipeline_dir).model_copy(update={"noise_schedule": "vp_linear"}))
     assert "metric.reference" in refused(model_cfg(pipeline_dir), MetricConfig(kind="fid", reference="data"))
+    with pytest.raises(ConfigError, match=r"space.yaml: metric.reference: 'data' needs the model's training set"):
+        parse_config({"model": model_cfg(pipeline_dir).model_dump(), "metric": {"kind": "fid", "reference": "data"}},
+                      "space.yaml")  # before any trial starts
     with pytest.raises(ValueError, match="checkpoint"):
         ModelConfig(kind="checkpoint")
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from s3_ray.config import MetricConfig, ModelConfig
+from s3_ray.config import MetricConfig, ModelConfig, check_reference
 from s3_ray.metrics.fid import file_sha256
 from s3_ray.models.adapter import ModelAdapter
 from s3_ray.usf.noise import get_noise_schedule
@@ -64,9 +64,7 @@ class Target:
         elif model_cfg.kind == "checkpoint":
             from s3_ray.models.checkpoint import check_scheduler, load_checkpoint
 
-            if metric_cfg.kind == "fid" and metric_cfg.reference == "data":
-                raise ValueError("metric.reference: 'data' needs the model's training set, which only the digits "
-                                 "model ships; use reference: model (samples of a 100-NFE solve) for a checkpoint")
+            check_reference(model_cfg, metric_cfg)
             check_scheduler(model_cfg.checkpoint, self.noise)
             net, self.shape, self.weights_sha = load_checkpoint(model_cfg.checkpoint, model_cfg.image_shape)
             if torch.cuda.is_available():  # a trial given a GPU by Ray sees it; noise stays on the CPU (seeds)
