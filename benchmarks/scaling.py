@@ -187,7 +187,8 @@ def descendant_pids() -> list[str]:
 class ClusterCpu:
     """CPU seconds used by the cluster's processes (``list_pids()``) during a window, sampled every
     0.25 s in a thread: processes that exit in between (trial actors at the end of a fit; Ray reaps
-    its workers without adding their times to its own) count up to their last sample."""
+    its workers without adding their times to its own) count up to their last sample. ``marks``
+    holds (time, cluster CPU s so far, machine busy s so far) per sample, for sub-windows (``between``)."""
 
     def __init__(self, list_pids):
         import threading
@@ -195,6 +196,7 @@ class ClusterCpu:
         self.list_pids, self.first, self.last, self.kind = list_pids, {}, {}, {}
         self.first = self._sample()
         self.last = dict(self.first)
+        self.marks = [(time.time(), 0.0, machine_busy_s())]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -214,13 +216,22 @@ class ClusterCpu:
     def _run(self):
         while not self._stop.wait(0.25):
             self.last.update(self._sample())
+            self.marks.append((time.time(), self._used_s(), machine_busy_s()))
+
+    def _used_s(self) -> float:
+        return sum(v - self.first.get(pid, 0) for pid, v in self.last.items()) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         self.last.update(self._sample())
-        ticks = sum(v - self.first.get(pid, 0) for pid, v in self.last.items())
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return self._used_s()
+
+    def between(self, t0: float, t1: float) -> tuple[float, float]:
+        """(cluster CPU s, whole machine busy s) from the last sample before ``t0`` to the first after ``t1``."""
+        a = max((m for m in self.marks if m[0] <= t0), default=self.marks[0])
+        b = min((m for m in self.marks if m[0] >= t1), default=self.marks[-1])
+        return b[1] - a[1], b[2] - a[2]
 
     def by_kind(self) -> dict[str, float]:
         """CPU seconds per kind of process (``process_kind``), after ``stop``."""
@@ -317,6 +328,8 @@ def run_driver(prefix: list[str], address: str, env: dict, list_pids, a, tmp: Pa
     if r.returncode != 0:
         raise RuntimeError(f"driver failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     d = json.loads(out.read_text())
+    fit_cluster_s, fit_machine_s = sampler.between(d["fit"]["start"], d["fit"]["end"])
+    d["fit"].update(cluster_cpu_s=fit_cluster_s, machine_busy_s=fit_machine_s)
     d.update(workers=workers, variant=variant, up_s=up_s, loadavg_before=load0, loadavg_after=os.getloadavg(),
              other_cpu_cores=other / window, our_cpu_cores=ours / window,
              cpu_s_by_process_kind={k: round(v, 2) for k, v in by_kind.items()}, window_s=window)
@@ -339,6 +352,9 @@ def summarize(d: dict) -> dict:
         "workers": d["workers"], "variant": d["variant"], "trials": n, "fit_wall_s": wall, "trials_per_min": n / wall * 60,
         "steady_trials_per_min": steady, "first_completion_s": done[0] - fit["start"] if done else None,
         "driver_cpu_s": fit["driver_cpu_s"], "driver_cpu_share": fit["driver_cpu_s"] / wall,
+        "fit_cluster_cpu_s_per_trial": fit["cluster_cpu_s"] / n if "cluster_cpu_s" in fit else None,
+        "fit_cluster_cores": fit["cluster_cpu_s"] / wall if "cluster_cpu_s" in fit else None,
+        "fit_machine_cores": fit["machine_busy_s"] / wall if "machine_busy_s" in fit else None,
         "planning_s": d.get("suggest_breakdown_s", {}).get("plan_stage"),
         "searcher_s": searcher, "searcher_share": searcher / wall, "searcher_share_of_driver_cpu": searcher / fit["driver_cpu_s"],
         "searcher_by_method_s": d["searcher_s"], "searcher_calls": d["searcher_calls"],
@@ -448,7 +464,7 @@ def main(argv=None):
 KEYS = ("trials_per_min", "steady_trials_per_min", "fit_wall_s", "searcher_s", "searcher_share", "idle_share",
         "worker_idle_share", "planning_s", "median_turnaround_s", "first_completion_s",
         "driver_cpu_share", "searcher_share_of_driver_cpu", "median_trial_eval_s", "our_cpu_cores", "other_cpu_cores",
-        "driver_fit_cpu_ms_per_trial")
+        "driver_fit_cpu_ms_per_trial", "fit_cluster_cpu_s_per_trial", "fit_cluster_cores", "fit_machine_cores")
 
 
 def report(runs, a, workers, variants, machine=None):
@@ -568,6 +584,21 @@ def cpu_by_process_table(runs, variants, workers) -> list[str]:
     return lines
 
 
+def cpu_bound(one: dict, two: dict, workers, machine) -> list[str]:
+    """The trials/min the machine's cores allow at the CPU per trial measured during the fit."""
+    if two.get("fit_cluster_cpu_s_per_trial") is None:
+        return []
+    per_trial = two["fit_cluster_cpu_s_per_trial"]
+    bound = 60 * machine["cpus"] / per_trial
+    return [f"- CPU bound: during `Tuner.fit` with {workers[-1]} workers the cluster's processes (trials, driver, "
+            f"Ray) used {per_trial:.2f} CPU-s per trial and {two['fit_cluster_cores']:.2f} cores on average (the "
+            f"whole machine {two['fit_machine_cores']:.2f}); at that cost {machine['cpus']} cores allow at most "
+            f"{bound:.0f} trials/min (measured {two['trials_per_min']:.0f}, {100 * two['trials_per_min'] / bound:.0f} "
+            f"% of it), i.e. a speed-up of at most {bound / one['trials_per_min']:.2f}x over the "
+            f"{one['trials_per_min']:.0f} trials/min of {workers[0]} worker ({one['fit_cluster_cpu_s_per_trial']:.2f} "
+            f"CPU-s per trial, {one['fit_cluster_cores']:.2f} cores)."]
+
+
 def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> list[str]:
     """Where the time goes, from the medians (the targets: >= 1.8x from 1 to 2 workers, searcher < 5 %)."""
     if len(workers) < 2 or "fix" not in variants:
@@ -590,6 +621,7 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
              f"- CPU: {machine['cpus']} cores for everything; with {workers[-1]} workers the cluster used "
              f"{two['our_cpu_cores']:.2f} cores on average (head services + driver + trials) and the median trial "
              f"evaluation took {two['median_trial_eval_s']:.2f} s instead of {one['median_trial_eval_s']:.2f} s.",
+             *cpu_bound(one, two, workers, machine),
              f"- Searcher time is stage planning: the predictor fit and generating, encoding and ranking mutants, "
              f"all while the workers wait; it is "
              f"{100 * one['searcher_share_of_driver_cpu']:.0f} % of the driver's CPU time. It is a fixed cost per "
