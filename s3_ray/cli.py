@@ -93,25 +93,35 @@ def _relax(r) -> str:
 
 # ---- evaluation on the embedded model -----------------------------------------------------------
 
-def _target(reference: str = "data", kind: str = "fid"):
-    from s3_ray.config import MetricConfig, ModelConfig
+def _target(reference: str | None = None, space: str | None = None):
+    """The embedded digits model, or the model and metric of a search space (``--space``)."""
+    from s3_ray.config import MetricConfig, ModelConfig, check_reference, load_config
     from s3_ray.metrics.evaluate import get_target
 
-    return get_target(ModelConfig().model_dump_json(), MetricConfig(reference=reference, kind=kind).model_dump_json())
+    if space is None:
+        model, metric = ModelConfig(), MetricConfig(reference=reference or "data")
+    else:
+        cfg = load_config(space)
+        model, metric = cfg.model, cfg.metric.model_copy(update={"reference": reference or cfg.metric.reference})
+        check_reference(model, metric)
+    return get_target(model.model_dump_json(), metric.model_dump_json())
 
 
 def cmd_evaluate(a):
     import torch
 
-    from s3_ray.metrics.evaluate import evaluate
+    from s3_ray.metrics.evaluate import REFERENCE_SOLVER, evaluate
     from s3_ray.usf.schedule import load_schedule
 
     torch.set_num_threads(1)
     s = load_schedule(a.schedule)
-    r = evaluate(s, _target(a.reference), n=a.samples, seed=a.seed)
+    target = _target(a.reference, space=a.space)
+    r = evaluate(s, target, n=a.samples, seed=a.seed)
     flag = "  FAILED (NaN/Inf samples: worst score)" if r["failed"] else ""
-    print(f"{a.schedule}: NFE {r['nfe']}  FID {r['fid']:.3f}  KID {r['kid']:.5f} ± {r['kid_std']:.5f}  "
-          f"({a.samples} samples, seed {a.seed}, {a.reference} reference, {r['seconds']:.2f} s){flag}")
+    score = (f"FID {r['fid']:.3f}  KID {r['kid']:.5f} ± {r['kid_std']:.5f}" if "fid" in r
+             else f"RMSE {r['rmse']:.5f} (vs a {REFERENCE_SOLVER[1]}-NFE solve)")
+    print(f"{a.schedule}: NFE {r['nfe']}  {score}  ({a.samples} samples, seed {a.seed}, "
+          f"{target.metric_cfg.reference} reference, {r['seconds']:.2f} s){flag}")
 
 
 def cmd_baselines(a):
@@ -131,7 +141,7 @@ def cmd_sample(a):
     torch.set_num_threads(1)
     s = load_schedule(a.schedule)
     try:
-        x = _target().sample(s, a.n, a.seed)
+        x = _target(space=a.space).sample(s, a.n, a.seed)
     except RuntimeError as e:  # a coefficient beyond float32 (as in evaluate()): the solve blew up
         if "overflow" not in str(e):
             raise
@@ -293,11 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="-")
     i.set_defaults(fn=cmd_import_usf)
 
-    e = sub.add_parser("evaluate", help="FID/KID of a schedule on the embedded digits model")
+    e = sub.add_parser("evaluate", help="FID/KID (or RMSE) of a schedule on the embedded digits model or a space's model")
     e.add_argument("--schedule", required=True)
+    e.add_argument("--space", help="use this search space's model and metric (default: the embedded digits model)")
     e.add_argument("--samples", type=int, default=1000)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--reference", choices=("data", "model"), default="data")
+    e.add_argument("--reference", choices=("data", "model"), help="FID reference (default: data, or the space's)")
     e.set_defaults(fn=cmd_evaluate)
 
     bt = sub.add_parser("baselines", help="table of every baseline x discretisation on the embedded model")
@@ -307,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--out-dir", default="benchmarks/results")
     bt.set_defaults(fn=cmd_baselines)
 
-    sm = sub.add_parser("sample", help="an image grid of a schedule's samples (embedded model)")
+    sm = sub.add_parser("sample", help="an image grid of a schedule's samples (embedded model or a space's model)")
     sm.add_argument("--schedule", required=True)
+    sm.add_argument("--space", help="use this search space's model (default: the embedded digits model)")
     sm.add_argument("--out", required=True)
     sm.add_argument("--n", type=int, default=64)
     sm.add_argument("--ncol", type=int, default=16)

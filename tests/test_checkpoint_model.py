@@ -154,3 +154,29 @@ def test_search_on_a_checkpoint(pipeline_dir, tmp_path):
     runs = trial_runs(run_dir / "mlflow.db", "ckpt")
     assert len(runs) == 8 and all(math.isfinite(x.data.metrics["fid"]) for x in runs)
     assert list((tmp_path / "cache").glob("model-ref-*-128-*.npy"))
+
+
+def test_cli_evaluates_and_samples_a_schedule_on_the_space_model(pipeline_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "ckpt", "model": model_cfg(pipeline_dir).model_dump(mode="json"),
+                                     "metric": {"kind": "fid", "reference": "model", "reference_samples": 64}}))
+    schedule = tmp_path / "ddim.json"
+    build_baseline("ddim", Target(model_cfg(pipeline_dir), MetricConfig(kind="rmse")).noise, 5).save(schedule)
+    env = {**os.environ, "S3_CACHE_DIR": str(tmp_path / "cache")}
+
+    def s3(*args):
+        return subprocess.run([sys.executable, "-m", "s3_ray.cli", *args], capture_output=True, text=True, env=env)
+
+    r = s3("evaluate", "--space", str(space), "--schedule", str(schedule), "--samples", "32")
+    assert r.returncode == 0, r.stderr
+    assert "NFE 5  FID " in r.stdout and "model reference" in r.stdout
+    r = s3("sample", "--space", str(space), "--schedule", str(schedule), "--n", "8", "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 0 and (tmp_path / "g.png").is_file(), r.stderr
+    r = s3("evaluate", "--space", str(space), "--schedule", str(schedule), "--reference", "data")
+    assert r.returncode == 2 and "metric.reference: 'data' needs the model's training set" in r.stderr
