@@ -599,6 +599,20 @@ def cpu_bound(one: dict, two: dict, workers, machine) -> list[str]:
             f"CPU-s per trial, {one['fit_cluster_cores']:.2f} cores)."]
 
 
+def versus_fix(label: str, v: str, agg, speedup, workers) -> str:
+    """One diagnosis line: variant ``v`` against fix (driver CPU, turnaround, trials/min)."""
+    w0, w1 = workers[0], workers[-1]
+    f1, f2, x1, x2 = agg[f"fix/{w0}"], agg[f"fix/{w1}"], agg[f"{v}/{w0}"], agg[f"{v}/{w1}"]
+    return (f"- {label}: the driver's CPU in `Tuner.fit` {f1['driver_fit_cpu_ms_per_trial']:.0f} / "
+            f"{f2['driver_fit_cpu_ms_per_trial']:.0f} ms per trial against {x1['driver_fit_cpu_ms_per_trial']:.0f} / "
+            f"{x2['driver_fit_cpu_ms_per_trial']:.0f} ms ({w0} / {w1} workers); median turnaround from a result to "
+            f"the next trial {1000 * f1['median_turnaround_s']:.0f} / {1000 * f2['median_turnaround_s']:.0f} ms "
+            f"against {1000 * x1['median_turnaround_s']:.0f} / {1000 * x2['median_turnaround_s']:.0f} ms; trials/min "
+            f"fix vs {v}: {f1['trials_per_min'] / x1['trials_per_min']:.2f}x with {w0}, "
+            f"{f2['trials_per_min'] / x2['trials_per_min']:.2f}x with {w1} workers; speed-up of {v} "
+            f"{speedup[v]['trials_per_min']:.2f}x.")
+
+
 def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> list[str]:
     """Where the time goes, from the medians (the targets: >= 1.8x from 1 to 2 workers, searcher < 5 %)."""
     if len(workers) < 2 or "fix" not in variants:
@@ -640,27 +654,9 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
                      f"{100 * one['idle_share']:.0f} % / {100 * two['idle_share']:.0f} %); trials/min vs fix: "
                      f"{a1['trials_per_min'] / one['trials_per_min']:.2f}x with {workers[0]}, "
                      f"{a2['trials_per_min'] / two['trials_per_min']:.2f}x with {workers[-1]} workers.")
-    if "synclog" in variants:
-        s1, s2 = agg[f"synclog/{workers[0]}"], agg[f"synclog/{workers[-1]}"]
-        lines.append(f"- MLflow logging in a background thread (fix) against logging in Tune's loop (synclog): "
-                     f"median turnaround from a result to the next trial {1000 * one['median_turnaround_s']:.0f} / "
-                     f"{1000 * two['median_turnaround_s']:.0f} ms against {1000 * s1['median_turnaround_s']:.0f} / "
-                     f"{1000 * s2['median_turnaround_s']:.0f} ms ({workers[0]} / {workers[-1]} workers); trials/min "
-                     f"fix vs synclog: {one['trials_per_min'] / s1['trials_per_min']:.2f}x with {workers[0]}, "
-                     f"{two['trials_per_min'] / s2['trials_per_min']:.2f}x with {workers[-1]} workers; synclog's "
-                     f"speed-up {speedup['synclog']['trials_per_min']:.2f}x.")
-    if "tunelogs" in variants:
-        t1, t2 = agg[f"tunelogs/{workers[0]}"], agg[f"tunelogs/{workers[-1]}"]
-        lines.append(f"- Tune's CSV and TensorBoard trial loggers off (fix) against on (tunelogs): the driver's CPU "
-                     f"in `Tuner.fit` {one['driver_fit_cpu_ms_per_trial']:.0f} / "
-                     f"{two['driver_fit_cpu_ms_per_trial']:.0f} ms per trial against "
-                     f"{t1['driver_fit_cpu_ms_per_trial']:.0f} / {t2['driver_fit_cpu_ms_per_trial']:.0f} ms "
-                     f"({workers[0]} / {workers[-1]} workers); median turnaround "
-                     f"{1000 * one['median_turnaround_s']:.0f} / {1000 * two['median_turnaround_s']:.0f} ms against "
-                     f"{1000 * t1['median_turnaround_s']:.0f} / {1000 * t2['median_turnaround_s']:.0f} ms; trials/min "
-                     f"fix vs tunelogs: {one['trials_per_min'] / t1['trials_per_min']:.2f}x with {workers[0]}, "
-                     f"{two['trials_per_min'] / t2['trials_per_min']:.2f}x with {workers[-1]} workers; tunelogs' "
-                     f"speed-up {speedup['tunelogs']['trials_per_min']:.2f}x.")
+    labels = {"synclog": "MLflow logging in a background thread (fix) against logging in Tune's loop (synclog)",
+              "tunelogs": "Tune's CSV and TensorBoard trial loggers off (fix) against on (tunelogs)"}
+    lines += [versus_fix(label, v, agg, speedup, workers) for v, label in labels.items() if v in variants]
     if "nofix" in variants:
         lines.append(f"- Without the actor-cache fix (Tune keeps one idle actor at a stage boundary) the speed-up is "
                      f"{speedup['nofix']['trials_per_min']:.2f}x: after the first boundary every trial ran on one "

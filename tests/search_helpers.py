@@ -52,6 +52,16 @@ def search_cmd(space: Path, runs: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "s3_ray.cli", "search", "--space", str(space), "--runs", str(runs), *extra]
 
 
+def search_to_end(space: Path, tmp: Path, **env) -> subprocess.CompletedProcess:
+    """`s3 search` into ``tmp/runs`` on this test's local Ray (stopped afterwards); it must succeed."""
+    try:
+        r = run(search_cmd(space, tmp / "runs"), {**search_env(tmp), **env}, tmp)
+    finally:
+        stop_test_ray(tmp)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 def kill_processes_with_env(marker: str) -> int:
     """SIGKILL every process whose environment contains ``marker`` (our own Ray processes, by PID)."""
     killed = 0

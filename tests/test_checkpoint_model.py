@@ -22,7 +22,7 @@ from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.sampler import sample
 from s3_ray.usf.schedule import SolverSchedule, Step, load_schedule
 
-from .search_helpers import run, search_cmd, search_env, stop_test_ray, trial_runs, write_space
+from .search_helpers import search_to_end, trial_runs, write_space
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -140,12 +140,7 @@ def test_search_on_a_checkpoint(pipeline_dir, tmp_path):
     metric = {"kind": "fid", "reference": "model", "reference_samples": 128, "samples": [64], "final_samples": 96,
               "final_seeds": 1}
     space = write_space(tmp_path, name="ckpt", model=model, metric=metric, budget=8)
-    env = {**search_env(tmp_path), "S3_CACHE_DIR": str(tmp_path / "cache")}
-    try:
-        r = run(search_cmd(space, tmp_path / "runs"), env, tmp_path)
-    finally:
-        stop_test_ray(tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    search_to_end(space, tmp_path, S3_CACHE_DIR=str(tmp_path / "cache"))
     run_dir = tmp_path / "runs" / "ckpt"
     assert load_schedule(run_dir / "best" / "nfe4.json").noise_schedule == "vp_discrete"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -18,6 +18,7 @@ from .search_helpers import (
     run,
     search_cmd,
     search_env,
+    search_to_end,
     stop_test_ray,
     trial_runs,
     tune_trials,
@@ -39,12 +40,7 @@ def nan_schedule(path: Path) -> Path:
 def test_smoke_search_end_to_end(tmp_path):
     # plan_ahead 1: each stage is planned in the background while the previous stage's last trial runs
     space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))], plan_ahead=1)
-    env = search_env(tmp_path)
-    try:
-        r = run(search_cmd(space, tmp_path / "runs"), env, tmp_path)
-    finally:
-        stop_test_ray(tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = search_to_end(space, tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
     cfg = load_config(space)
     assert "| NFE | S3 FID | best baseline" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
