@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from s3_ray.config import ConfigError, MetricConfig, ModelConfig, parse_config
 from s3_ray.metrics.evaluate import Target, evaluate
 from s3_ray.usf.baselines import build_baseline
+from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.sampler import sample
 from s3_ray.usf.schedule import SolverSchedule, Step, load_schedule
 
@@ -88,7 +89,7 @@ def test_ddim_matches_diffusers_on_the_same_unet(pipeline_dir, prediction):
 
 def test_trials_score_on_a_checkpoint(pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("S3_CACHE_DIR", str(tmp_path / "cache"))
-    schedule = build_baseline("dpm_solver_pp_2m", Target(model_cfg(pipeline_dir), MetricConfig(kind="rmse")).noise, 4)
+    schedule = build_baseline("dpm_solver_pp_2m", get_noise_schedule("vp_discrete"), 4)
     r = evaluate(schedule, Target(model_cfg(pipeline_dir), MetricConfig(kind="rmse")), n=16, seed=0)
     assert not r["failed"] and r["nfe"] == 4 and math.isfinite(r["rmse"]) and r["rmse"] > 0  # an untrained UNet
     fid_target = Target(model_cfg(pipeline_dir), MetricConfig(kind="fid", reference="model", reference_samples=128))
@@ -162,7 +163,7 @@ def test_cli_evaluates_and_samples_a_schedule_on_the_space_model(pipeline_dir, t
     space.write_text(yaml.safe_dump({"name": "ckpt", "model": model_cfg(pipeline_dir).model_dump(mode="json"),
                                      "metric": {"kind": "fid", "reference": "model", "reference_samples": 64}}))
     schedule = tmp_path / "ddim.json"
-    build_baseline("ddim", Target(model_cfg(pipeline_dir), MetricConfig(kind="rmse")).noise, 5).save(schedule)
+    build_baseline("ddim", get_noise_schedule("vp_discrete"), 5).save(schedule)
     env = {**os.environ, "S3_CACHE_DIR": str(tmp_path / "cache")}
 
     def s3(*args):

@@ -80,6 +80,7 @@ class Target:
             raise ValueError(f"metric.kind: FID needs an image model, {model_cfg.kind!r} has vectors (use rmse)")
         self.dtype = torch.float64 if model_cfg.kind == "gmm" else torch.float32
         self._rmse_refs: dict = {}
+        self._model_ref: torch.Tensor | None = None
 
     def noise_batch(self, n: int, seed: int) -> torch.Tensor:
         """x_T for seed ``seed``: the same for every schedule (common random numbers)."""
@@ -106,10 +107,12 @@ class Target:
 
     def reference_images(self) -> tuple[str, torch.Tensor | None]:
         """(cache kind, uint8 images) of the FID reference: the training data, or model samples of a
-        high-accuracy solve (generated once and cached on disk)."""
+        high-accuracy solve (generated once, cached on disk and kept for this process's later trials)."""
         if self.metric_cfg.reference == "data":
             return "train", None
-        return "model", model_reference_images(self, self.metric_cfg.reference_samples)
+        if self._model_ref is None:
+            self._model_ref = model_reference_images(self, self.metric_cfg.reference_samples)
+        return "model", self._model_ref
 
 
 def model_reference_images(target: Target, n: int) -> torch.Tensor:
