@@ -64,6 +64,15 @@ def check_scheduler(checkpoint: str | Path, noise) -> None:
                          f"scheduler {path} ({theirs}); use noise_schedule: vp_discrete for a DDPM linear table")
 
 
+def check_complete(d: Path, cls: str, info: dict) -> None:
+    """Refuse weights that leave some of the network's tensors at their random initialisation."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        names = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ValueError(f"model.checkpoint: the safetensors weights in {d} lack tensors of the {cls} that "
+                         f"{d / 'config.json'} describes: {names}")
+
+
 class CheckpointNet(torch.nn.Module):
     """``net(x, labels)`` over a diffusers UNet: its ``.sample`` output, the first C channels of a
     learned-variance model (2C outputs)."""
@@ -88,11 +97,13 @@ def load_checkpoint(checkpoint: str | Path, image_shape=None) -> tuple[Checkpoin
     import diffusers
 
     try:
-        unet = getattr(diffusers, cls).from_pretrained(str(d), use_safetensors=True, local_files_only=True,
-                                                     low_cpu_mem_usage=False)  # without accelerate, as installed
+        unet, info = getattr(diffusers, cls).from_pretrained(
+            str(d), use_safetensors=True, local_files_only=True, output_loading_info=True,
+            low_cpu_mem_usage=False)  # without accelerate, as installed
     except Exception as e:  # noqa: BLE001 (diffusers raises many kinds for a bad file; name the file)
         raise ValueError(f"model.checkpoint: cannot load {d} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
                          ) from None
+    check_complete(d, cls, info)
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     shape = (int(unet.config.in_channels), int(h), int(w))

@@ -10,6 +10,7 @@ by that group's id, never by name.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -79,14 +80,33 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def check_bind(host: str, port: int) -> None:
+    """ServerError unless ``host`` resolves to an address of this machine and ``port`` is free there."""
+    if not 1 <= port <= 65535:
+        raise ServerError(f"--port {port}: not a port (1..65535)")
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServerError(f"--host {host}: not an address or a name this machine resolves "
+                          f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServerError(f"port {port} on {host} is already in use (another MLflow server?): "
+                                  f"stop it, or pick another port with --port") from None
+            raise ServerError(f"--host {host}: cannot listen on {addr[0]} port {port} ({e.strerror}); "
+                              f"give an address of this machine, e.g. 127.0.0.1") from None
+
+
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path = "runs",
                  allowed_hosts: str | None = None, log: str | Path | None = None,
                  env: dict | None = None) -> subprocess.Popen:
     """Start ``mlflow server`` in a new process group; returns at once (see ``wait_healthy``).
     Output goes to ``log`` (appended) if given, else to this process's stdout/stderr."""
-    if port_in_use(host, port):
-        raise ServerError(f"port {port} on {host} is already in use (another MLflow server?): "
-                          f"stop it, or pick another port with --port")
+    check_bind(host, port)
     Path(runs).mkdir(parents=True, exist_ok=True)
     artifacts_dir(runs).mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else None  # noqa: SIM115 (kept open by the child)
@@ -162,6 +182,7 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path = "runs",
           allowed_hosts: str | None = None, timeout: float = HEALTH_TIMEOUT_S, out=sys.stdout) -> int:
     """Run the server in the foreground until Ctrl-C / SIGTERM; returns its exit status."""
+    check_bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding MLflow to {host}: anyone who can reach this machine on port {port} can read and "
               f"write every run (MLflow has no authentication here); keep it behind a firewall or a private "

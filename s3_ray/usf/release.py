@@ -8,11 +8,10 @@ skip coefficients (both need model-specific statistics this project does not hav
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from .schedule import ScheduleError, SolverSchedule
+from .schedule import ScheduleError, SolverSchedule, read_json
 
 # Which noise schedule each model family of the release uses (see the data file's "source").
 RELEASE_NOISE = {"edm": "edm", "score_sde": "vp_linear", "imagenet256": "vp_discrete", "latent_diffusion": "vp_discrete"}
@@ -32,8 +31,9 @@ def default_release_file() -> Path:
 def load_release(path=None) -> dict:
     """The release's schedules by key (e.g. ``edm/cifar10_edm_nfe5``)."""
     path = Path(path) if path else default_release_file()
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{path}: the release file is a JSON object of schedules by key")
     return data["schedules"] if "schedules" in data else data
 
 
@@ -42,7 +42,11 @@ def claimed_nfe(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _derivative(d: dict, where: str) -> dict:
+def _derivative(d, where: str, prediction: str) -> dict:
+    """One derivative spec. The release's ``linear`` relaxation is R = 1 + c h (h > 0, the step in
+    lambda) for both prediction types; ours is R = 1 + slope h~ with h~ = -h for data prediction."""
+    if not isinstance(d, dict):
+        raise ScheduleError(f"{where}: expected an object, got {type(d).__name__}")
     pts = d.get("active_points")
     if not isinstance(pts, list):
         raise ScheduleError(f"{where}.active_points: missing or not a list")
@@ -53,49 +57,90 @@ def _derivative(d: dict, where: str) -> dict:
     rel = d.get("relaxation")
     out = {"points": pts}
     if rel == "linear":
-        out["relaxation"] = {"kind": "linear", "slope": float(d.get("relaxation_coefficient") or 0.0)}
+        c = _number(d.get("relaxation_coefficient") or 0.0, f"{where}.relaxation_coefficient")
+        out["relaxation"] = {"kind": "linear", "slope": -c if prediction == "data" and c else c}
     elif rel is not None:
         raise ScheduleError(f"{where}.relaxation: {rel!r} is not a known relaxation")
     return out
 
 
-def import_release_schedule(entry: dict, noise_schedule: str) -> SolverSchedule:
+def _number(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ScheduleError(f"{where}: expected a number, got {v!r}"[:200])
+    return float(v)
+
+
+def _fields(s) -> dict:
+    """The release's per-step lists, checked to be lists of one length (one entry per step)."""
+    if not isinstance(s, dict):
+        raise ScheduleError(f"a release schedule is a JSON object, got {type(s).__name__}")
+    out = {}
+    for name in _LISTS:
+        if name not in s:
+            raise ScheduleError(f"release schedule: missing field {name!r}")
+        if not isinstance(s[name], list):
+            raise ScheduleError(f"{name}: expected a list, got {type(s[name]).__name__}")
+        out[name] = s[name]
+    m = len(out["timesteps"]) - 1
+    for name in _LISTS[1:]:
+        if len(out[name]) != m:
+            raise ScheduleError(f"{name}: {len(out[name])} entries for {m} steps")
+    return out
+
+
+_LISTS = ("timesteps", "orders", "prediction_types", "start_points", "derivative_types", "corrector_types")
+
+
+def _corrector(c, start, pred: str, i: int) -> dict | None:
+    where = f"corrector_types[{i}]"
+    if not isinstance(c, dict) or "type" not in c:
+        raise ScheduleError(f"{where}.type: missing (an object with 'type': no_corrector, pseudo or implicit)")
+    if c["type"] == "no_corrector":
+        return None
+    if c.get("start_point", start - 1) != start - 1:
+        raise ScheduleError(f"{where}.start_point: {c['start_point']!r} is not the step's start shifted by one")
+    derivs = c.get("derivative_type") or []
+    if not isinstance(derivs, list):
+        raise ScheduleError(f"{where}.derivative_type: expected a list, got {type(derivs).__name__}")
+    return {"kind": c["type"], "order": c.get("taylor_order"),
+            "derivatives": [_derivative(d, f"{where}.derivative_type[{n}]", pred) for n, d in enumerate(derivs)]}
+
+
+def import_release_schedule(entry, noise_schedule: str) -> SolverSchedule:
     """Convert one release schedule (``{"schedule": {...}}`` or the inner dict) to a SolverSchedule."""
+    if not isinstance(entry, dict):
+        raise ScheduleError(f"a release schedule is a JSON object, got {type(entry).__name__}")
     s = entry.get("schedule", entry)
-    try:
-        ts, orders, preds = s["timesteps"], s["orders"], s["prediction_types"]
-        starts, derivs, corrs = s["start_points"], s["derivative_types"], s["corrector_types"]
-    except KeyError as e:
-        raise ScheduleError(f"release schedule: missing field {e.args[0]!r}") from None
-    m = len(ts) - 1
-    for name, v in (("orders", orders), ("prediction_types", preds), ("start_points", starts),
-                    ("derivative_types", derivs), ("corrector_types", corrs)):
-        if len(v) != m:
-            raise ScheduleError(f"{name}: {len(v)} entries for {m} steps")
+    f = _fields(s)
+    ts = [_number(v, f"timesteps[{i}]") for i, v in enumerate(f["timesteps"])]
     skip = s.get("skip_coefficients")
-    if skip is not None and any(float(c) != 1.0 for c in skip):
+    if skip is not None and not isinstance(skip, list):
+        raise ScheduleError(f"skip_coefficients: expected a list, got {type(skip).__name__}")
+    if skip is not None and any(_number(c, "skip_coefficients") != 1.0 for c in skip):
         raise NotSupportedYet("skip_coefficients: non-trivial skip coefficients are not supported yet")
     afs = s.get("afs")
-    if afs not in _AFS:
-        raise ScheduleError(f"afs: unknown value {afs!r}")
+    if not isinstance(afs, (str, bool, type(None))) or afs not in _AFS:
+        raise ScheduleError(f"afs: unknown value {afs!r}"[:200])
     steps = []
-    for i in range(m):
-        if preds[i] == "dpmsolver_v3_prediction":
+    for i in range(len(ts) - 1):
+        pred, start, derivs = f["prediction_types"][i], f["start_points"][i], f["derivative_types"][i]
+        if pred == "dpmsolver_v3_prediction":
             raise NotSupportedYet(f"steps[{i}].prediction: dpmsolver_v3_prediction is not supported yet")
-        if preds[i] not in _PRED:
-            raise ScheduleError(f"steps[{i}].prediction: unknown prediction type {preds[i]!r}")
-        step = {"t": float(ts[i + 1]), "prediction": _PRED[preds[i]], "order": orders[i], "start": starts[i],
-                "derivatives": [_derivative(d, f"steps[{i}].derivatives[{n}]") for n, d in enumerate(derivs[i])]}
-        c = corrs[i]
-        if c["type"] != "no_corrector":
-            if c.get("start_point", starts[i] - 1) != starts[i] - 1:
-                raise ScheduleError(f"steps[{i}].corrector.start_point: {c['start_point']} is not the step's start shifted by one")
-            step["corrector"] = {"kind": c["type"], "order": c["taylor_order"],
-                                 "derivatives": [_derivative(d, f"steps[{i}].corrector.derivatives[{n}]")
-                                                 for n, d in enumerate(c.get("derivative_type") or [])]}
+        if not isinstance(pred, str) or pred not in _PRED:
+            raise ScheduleError(f"prediction_types[{i}]: unknown prediction type {pred!r}"[:200])
+        if not isinstance(derivs, list):
+            raise ScheduleError(f"derivative_types[{i}]: expected a list, got {type(derivs).__name__}")
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise ScheduleError(f"start_points[{i}]: expected an integer, got {start!r}"[:200])
+        p = _PRED[pred]
+        step = {"t": ts[i + 1], "prediction": p, "order": f["orders"][i], "start": start,
+                "derivatives": [_derivative(d, f"derivative_types[{i}][{n}]", p) for n, d in enumerate(derivs)]}
+        corrector = _corrector(f["corrector_types"][i], start, p, i)
+        if corrector is not None:
+            step["corrector"] = corrector
         steps.append(step)
     return SolverSchedule.from_dict(
-        {"noise_schedule": noise_schedule, "t_start": float(ts[0]), "afs": _AFS[afs], "steps": steps})
+        {"noise_schedule": noise_schedule, "t_start": ts[0], "afs": _AFS[afs], "steps": steps})
 
 
 def import_release(key_or_file: str, noise_schedule: str | None = None, release_path=None) -> SolverSchedule:
@@ -105,8 +150,13 @@ def import_release(key_or_file: str, noise_schedule: str | None = None, release_
     if p.suffix == ".json" and p.exists():
         if noise_schedule is None:
             raise ScheduleError("noise_schedule: required when importing a file (edm, vp_linear, vp_discrete, ...)")
-        with open(p) as f:
-            return import_release_schedule(json.load(f), noise_schedule)
+        data = read_json(p)
+        try:
+            return import_release_schedule(data, noise_schedule)
+        except NotSupportedYet as e:
+            raise NotSupportedYet(f"{p}: {e}") from None
+        except ScheduleError as e:
+            raise ScheduleError(f"{p}: {e}") from None
     schedules = load_release(release_path)
     if key_or_file not in schedules:
         raise ScheduleError(f"{key_or_file!r} is neither a release key nor a .json file (keys look like {next(iter(schedules))!r})")

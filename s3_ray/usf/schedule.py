@@ -6,6 +6,9 @@ before step i there are i + 1 entries (t_0 .. t_i); a corrector sees one more (t
 
 Canonical JSON (sorted keys, exact float repr) is the storage format; ``schedule_hash`` is the
 sha256 of it. Validation errors name the step and field, e.g. ``steps[3].derivatives[1].points``.
+JSON is validated with strict types (a number is not a string, an integer not a boolean; an integer
+is a valid float), a file is read up to ``MAX_FILE_BYTES``, and a schedule has at most ``MAX_STEPS``
+steps, all within (0, T] of its named noise schedule.
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .noise import NOISE_SCHEDULES, get_noise_schedule
+
 FORMAT_VERSION = 1
 MAX_ORDER = 4  # predictor Taylor order
 MAX_CORRECTOR_ORDER = 5  # a corrector may go one order above its predictor
+MAX_STEPS = 1000  # the 100-NFE reference solves have 100 steps; searches use at most 64
+MAX_FILE_BYTES = 4 * 2**20  # a 1000-step schedule file is about 0.3 MB
+NOISE_NAMES = tuple(sorted([*NOISE_SCHEDULES, "vp_discrete"]))
+T_TOLERANCE = 1e-6  # relative: the release's EDM schedules start at float32(80) = 80.0000076
 
 Prediction = Literal["noise", "data"]
 Combine = Literal["taylor", "bh1", "bh2"]
@@ -111,7 +121,7 @@ class SolverSchedule(_Strict):
     noise_schedule: str = Field(min_length=1)
     t_start: float
     afs: Literal["none", "zero_x0", "mean_x0"] = "none"
-    steps: tuple[Step, ...] = Field(min_length=1)
+    steps: tuple[Step, ...] = Field(min_length=1, max_length=MAX_STEPS)
 
     @field_validator("format_version")
     @classmethod
@@ -149,34 +159,67 @@ class SolverSchedule(_Strict):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
-    def from_json(cls, text: str) -> SolverSchedule:
+    def from_json(cls, text: str | bytes) -> SolverSchedule:
+        """Parse and validate JSON text with strict types (ScheduleError names the field)."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScheduleError(f"not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            return cls.model_validate_json(text, strict=True)
+        except ValidationError as e:
+            first = e.errors()[0]
+            if first["type"] == "json_invalid":
+                raise ScheduleError(f"not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}") from None
+            if first["type"] == "model_type" and not first["loc"]:
+                raise ScheduleError("a schedule is a JSON object") from None
+            raise ScheduleError(format_validation_error(e)) from None
 
     @classmethod
     def from_dict(cls, data) -> SolverSchedule:
+        """Validate a JSON-like dict exactly as its JSON text would be (strict types)."""
         if not isinstance(data, dict):
             raise ScheduleError("a schedule is a JSON object")
         try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ScheduleError(format_validation_error(e)) from None
+            text = json.dumps(data)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ScheduleError(f"not JSON data ({e})") from None
+        return cls.from_json(text)
 
     def save(self, path) -> None:
         with open(path, "w") as f:
             f.write(self.to_json(indent=1) + "\n")
 
 
+def read_text(path, limit: int = MAX_FILE_BYTES, error=ScheduleError) -> str:
+    """The UTF-8 text of a user's file, read up to ``limit`` bytes; ``error`` (naming the file) if
+    it cannot be read, is larger, or is not UTF-8 (a UTF-8 byte-order mark is dropped)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than the {limit // 2**20} MB this command reads")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise error(f"{path}: UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                    "save it as UTF-8") from None
+
+
+def read_json(path, error=ScheduleError):
+    """A user's JSON file (bounded, UTF-8, nesting-safe) as Python data; ``error`` names the file."""
+    text = read_text(path, error=error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+
+
 def load_schedule(path) -> SolverSchedule:
     """Read and validate a schedule JSON file (ScheduleError names the file and the field)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ScheduleError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path)
     try:
         return SolverSchedule.from_json(text)
     except ScheduleError as e:
@@ -184,10 +227,13 @@ def load_schedule(path) -> SolverSchedule:
 
 
 def format_validation_error(e: ValidationError) -> str:
+    """One line: ``field: reason`` per error (a wrong type also shows the value given), '; '-joined."""
     lines = []
     for err in e.errors():
         loc = _format_loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"].endswith("_type") and isinstance(err.get("input"), (str, int, float, type(None))):
+            msg += f", got {err['input']!r}"[:80]
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
@@ -229,9 +275,20 @@ def _check_points(where: str, derivs, order: int, start: int, history: int, comb
             _fail(f"{where}.derivatives", f"relaxation is not used with combine={combine}")
 
 
+@lru_cache(maxsize=8)
+def _noise_by_name(name: str):
+    return get_noise_schedule(name)  # ValueError naming the known schedules
+
+
 def _validate_schedule(s: SolverSchedule):
     if not (math.isfinite(s.t_start) and s.t_start > 0):
         _fail("t_start", f"must be a finite positive time, got {s.t_start}")
+    try:
+        T = _noise_by_name(s.noise_schedule).T
+    except ValueError as e:
+        _fail("noise_schedule", str(e))
+    if s.t_start > T * (1 + T_TOLERANCE):
+        _fail("t_start", f"{s.t_start!r} is above T = {T:g} of noise schedule {s.noise_schedule!r}")
     prev = s.t_start
     last = len(s.steps) - 1
     for i, st in enumerate(s.steps):
