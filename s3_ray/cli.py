@@ -7,13 +7,106 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-from s3_ray.usf.schedule import ScheduleError
+from s3_ray.usf.schedule import MAX_ORDER, MAX_STEPS, NOISE_NAMES, ScheduleError
+
+MAX_SAMPLES = 100_000  # held in memory at once; FID-50k is the usual size
+MAX_GRID = 10_000  # images in one `s3 sample` grid
+MAX_SEED = 2**31 - 1
+MAX_NFE = MAX_STEPS - 1  # AFS buys one more step than NFE
 
 
 class UsageError(Exception):
     """Bad user input: printed as one line, exit status 2."""
+
+
+# ---- argparse types: a bad value is reported by argparse as "argument --flag: ...", exit 2 -------
+
+def int_range(lo: int, hi: int):
+    """argparse type: an integer in lo..hi."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
+        return v
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def nfe_list(text: str) -> list[int]:
+    """argparse type: comma-separated NFE values, e.g. 3,4,5."""
+    return [int_range(1, MAX_NFE)(v) for v in text.split(",")]
+
+
+def unwritable(path, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a file (or created / filled as a directory); None if it
+    can. Leaves nothing behind: a directory is tried with a probe file that is removed at once."""
+    p = Path(path)
+    if p.exists():
+        if p.is_dir() != directory:
+            return "is a directory" if p.is_dir() else "exists and is not a directory"
+        if directory:
+            return _probe(p)
+        return None if os.access(p, os.W_OK) else "is not writable"
+    parent = p.parent
+    if not directory and not parent.is_dir():
+        return f"directory {parent} does not exist" if not parent.exists() else f"{parent} is not a directory"
+    while not parent.exists():
+        parent = parent.parent
+    return _probe(parent) if parent.is_dir() else f"{parent} is not a directory"
+
+
+def _probe(d: Path) -> str | None:
+    try:
+        fd, name = tempfile.mkstemp(dir=d, prefix=".s3-write-check-")
+    except OSError as e:
+        return f"cannot write in {d} ({e.strerror})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def out_file(text: str) -> str:
+    """argparse type: a file this command may create or overwrite ('-': standard output)."""
+    why = None if text == "-" else unwritable(text)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """argparse type: a directory this command may create or write into."""
+    why = unwritable(text, directory=True)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
+    return text
+
+
+def image_file(text: str) -> str:
+    """argparse type: an image file to write (its suffix names a format PIL writes)."""
+    from PIL import Image
+
+    if Path(text).suffix.lower() not in Image.registered_extensions():
+        raise argparse.ArgumentTypeError(f"{text}: not an image file name (use .png)")
+    return out_file(text)
 
 
 def _noise(name: str):
@@ -28,6 +121,8 @@ def cmd_baseline(a):
     from s3_ray.usf.baselines import build_baseline
 
     noise = _noise(a.noise_schedule)
+    if a.t_end is not None and not a.t_end < noise.T:
+        raise UsageError(f"--t-end: {a.t_end:g} is not below T = {noise.T:g} of noise schedule {noise.name!r}")
     s = build_baseline(a.name, noise, a.nfe, order=a.order, discretization=a.discretization, t_end=a.t_end,
                        afs=a.afs, lower_order_final=a.lower_order_final or None, prediction=a.prediction)
     _write(s, a.out)
@@ -126,8 +221,7 @@ def cmd_evaluate(a):
 def cmd_baselines(a):
     from s3_ray.metrics.baseline_table import baseline_table
 
-    nfes = [int(v) for v in a.nfe.split(",")]
-    baseline_table(nfes, samples=a.samples, seeds=a.seeds, out_dir=a.out_dir)
+    baseline_table(a.nfe, samples=a.samples, seeds=a.seeds, out_dir=a.out_dir)
 
 
 def cmd_sample(a):
@@ -154,7 +248,7 @@ def cmd_sample(a):
 def cmd_train_model(a):
     from s3_ray.models.train import main as train_main
 
-    argv = [a.what, "--out", a.out] + (["--steps", str(a.steps)] if a.steps else [])
+    argv = [a.what, "--out", a.out] + (["--steps", str(a.steps)] if a.steps is not None else [])
     if train_main(argv) != 0:
         raise UsageError("training failed")
 
@@ -162,16 +256,32 @@ def cmd_train_model(a):
 # ---- search ---------------------------------------------------------------------------------------
 
 def cmd_search(a):
-    from s3_ray.config import load_config
+    from s3_ray.config import load_config, with_overrides
     from s3_ray.search.driver import run_search
 
-    cfg = load_config(a.space)
-    if a.budget:
-        cfg = cfg.model_copy(update={"budget": a.budget})
-    if a.name:
-        cfg = cfg.model_copy(update={"name": a.name})
+    cfg = with_overrides(load_config(a.space), {"budget": ("--budget", a.budget), "name": ("--name", a.name)})
     run_search(cfg, address=a.address, mlflow_uri=a.mlflow_uri, algo=a.algo, resume=a.resume, fresh=a.fresh,
                runs_root=a.runs)
+
+
+def cmd_report(a):
+    """Print the path of a search's report.html (written from the run directory if missing); --open shows it."""
+    import webbrowser
+
+    from s3_ray.tracking.report import REPORT, write_report
+
+    run_dir = Path(a.run_dir)
+    path = run_dir / REPORT
+    if not path.is_file():
+        if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+            raise UsageError(f"{run_dir}: not the directory of a finished search (no summary.json or config.json)")
+        path = write_report(run_dir)
+    print(path.resolve())
+    if a.open:
+        try:
+            webbrowser.get().open(path.resolve().as_uri())
+        except webbrowser.Error:
+            print("no web browser found on this machine: open the file above where there is one", file=sys.stderr)
 
 
 # ---- cluster jobs (Ray Jobs API; logic in s3_ray/cluster.py) --------------------------------------
@@ -233,7 +343,7 @@ def _cluster_parsers(sub):
     common(su)
     su.add_argument("--space", default="search_spaces/digits.yaml", help="validated here and sent inline")
     su.add_argument("--mlflow-uri", help="tracking URI as seen from the head node (default: sqlite in the run dir)")
-    su.add_argument("--budget", type=int, help="override the space's number of true evaluations")
+    su.add_argument("--budget", type=int_range(1, 10_000_000), help="override the space's number of true evaluations")
     su.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
     su.add_argument("--name", help="override the run name (<runs>/<name>/)")
     su.add_argument("--runs", help="run directories root on the cluster; must be storage shared by every node "
@@ -277,15 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="write a baseline solver as a schedule JSON")
     b.add_argument("name", choices=sorted(BASELINES))
-    b.add_argument("--nfe", type=int, required=True)
-    b.add_argument("--order", type=int)
+    b.add_argument("--nfe", type=int_range(1, MAX_NFE), required=True)
+    b.add_argument("--order", type=int_range(1, MAX_ORDER))
     b.add_argument("--discretization", choices=DISCRETIZATIONS, default="logsnr_uniform")
-    b.add_argument("--noise-schedule", default="vp_linear")
-    b.add_argument("--t-end", type=float)
+    b.add_argument("--noise-schedule", choices=NOISE_NAMES, default="vp_linear")
+    b.add_argument("--t-end", type=positive_float)
     b.add_argument("--afs", choices=("none", "zero_x0", "mean_x0"), default="none")
     b.add_argument("--prediction", choices=("noise", "data"))
     b.add_argument("--lower-order-final", action="store_true")
-    b.add_argument("--out", default="-", help="output file (default: stdout)")
+    b.add_argument("--out", type=out_file, default="-", help="output file (default: stdout)")
     b.set_defaults(fn=cmd_baseline)
 
     sc = sub.add_parser("schedule", help="validate, show or import schedules").add_subparsers(dest="sub", required=True)
@@ -294,52 +404,52 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_validate)
     s = sc.add_parser("show", help="per-step table of a schedule")
     s.add_argument("file")
-    s.add_argument("--noise-schedule", help="override the schedule's noise schedule for lambda")
+    s.add_argument("--noise-schedule", choices=NOISE_NAMES, help="override the schedule's noise schedule for lambda")
     s.set_defaults(fn=cmd_show)
     i = sc.add_parser("import-usf", help="import a schedule of the public USF release")
     i.add_argument("source", help="release key (e.g. score_sde/cifar10_sde_nfe9) or a JSON file")
-    i.add_argument("--noise-schedule", help="required for a file: edm, vp_linear, vp_discrete, ...")
-    i.add_argument("--out", default="-")
+    i.add_argument("--noise-schedule", choices=NOISE_NAMES, help="required for a file")
+    i.add_argument("--out", type=out_file, default="-")
     i.set_defaults(fn=cmd_import_usf)
 
     e = sub.add_parser("evaluate", help="FID/KID (or RMSE) of a schedule on the embedded digits model or a space's model")
     e.add_argument("--schedule", required=True)
     e.add_argument("--space", help="use this search space's model and metric (default: the embedded digits model)")
-    e.add_argument("--samples", type=int, default=1000)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--samples", type=int_range(2, MAX_SAMPLES), default=1000)
+    e.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     e.add_argument("--reference", choices=("data", "model"), help="FID reference (default: data, or the space's)")
     e.set_defaults(fn=cmd_evaluate)
 
     bt = sub.add_parser("baselines", help="table of every baseline x discretisation on the embedded model")
-    bt.add_argument("--nfe", default="3,4,5,6,8,10")
-    bt.add_argument("--samples", type=int, default=1000)
-    bt.add_argument("--seeds", type=int, default=2)
-    bt.add_argument("--out-dir", default="benchmarks/results")
+    bt.add_argument("--nfe", type=nfe_list, default="3,4,5,6,8,10")
+    bt.add_argument("--samples", type=int_range(2, MAX_SAMPLES), default=1000)
+    bt.add_argument("--seeds", type=int_range(1, 100), default=2)
+    bt.add_argument("--out-dir", type=out_dir, default="benchmarks/results")
     bt.set_defaults(fn=cmd_baselines)
 
     sm = sub.add_parser("sample", help="an image grid of a schedule's samples (embedded model or a space's model)")
     sm.add_argument("--schedule", required=True)
     sm.add_argument("--space", help="use this search space's model (default: the embedded digits model)")
-    sm.add_argument("--out", required=True)
-    sm.add_argument("--n", type=int, default=64)
-    sm.add_argument("--ncol", type=int, default=16)
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--out", type=image_file, required=True)
+    sm.add_argument("--n", type=int_range(1, MAX_GRID), default=64)
+    sm.add_argument("--ncol", type=int_range(1, MAX_GRID), default=16)
+    sm.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     sm.set_defaults(fn=cmd_sample)
 
     tm = sub.add_parser("train-model", help="train the embedded digits diffusion model or feature classifier")
     tm.add_argument("what", choices=("diffusion", "classifier"))
-    tm.add_argument("--out", required=True)
-    tm.add_argument("--steps", type=int)
+    tm.add_argument("--out", type=out_dir, required=True)
+    tm.add_argument("--steps", type=int_range(1, 10_000_000))
     tm.set_defaults(fn=cmd_train_model)
 
     se = sub.add_parser("search", help="run an S3 search (Ray Tune + MLflow)")
     se.add_argument("--space", default="search_spaces/digits.yaml")
     se.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
     se.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite file in the run directory)")
-    se.add_argument("--budget", type=int, help="override the space's number of true evaluations")
+    se.add_argument("--budget", type=int_range(1, 10_000_000), help="override the space's number of true evaluations")
     se.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
     se.add_argument("--name", help="override the run name (runs/<name>/)")
-    se.add_argument("--runs", default="runs", help="root directory of run directories")
+    se.add_argument("--runs", type=out_dir, default="runs", help="root directory of run directories")
     g = se.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the search in runs/<name>/")
     g.add_argument("--fresh", action="store_true", help="delete runs/<name>/ and start over")
@@ -347,13 +457,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("mlflow-server", help="run an MLflow tracking server (sqlite + artifacts under --runs)")
     ms.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    ms.add_argument("--port", type=int, default=5000)
-    ms.add_argument("--runs", default="runs", help="directory of mlflow-server.db and mlartifacts/")
+    ms.add_argument("--port", type=int_range(1, 65535), default=5000)
+    ms.add_argument("--runs", type=out_dir, default="runs", help="directory of mlflow-server.db and mlartifacts/")
     ms.add_argument("--allowed-hosts", help="Host headers MLflow accepts (e.g. mlflow:5000 behind a network name)")
-    ms.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /health")
+    ms.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for /health")
     ms.set_defaults(fn=cmd_mlflow_server)
+
+    rp = sub.add_parser("report", help="the path of a search's report.html (regenerated if missing); --open shows it")
+    rp.add_argument("run_dir", help="the search's run directory, e.g. runs/digits")
+    rp.add_argument("--open", action="store_true", help="open it in a web browser (where this machine has one)")
+    rp.set_defaults(fn=cmd_report)
     _cluster_parsers(sub)
     return p
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user-input error on one line (a pydantic error as 'field: reason; ...')."""
+    from pydantic import ValidationError
+
+    from s3_ray.usf.schedule import format_validation_error
+
+    if isinstance(e, ValidationError):
+        return format_validation_error(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def main(argv=None) -> int:
@@ -362,8 +490,10 @@ def main(argv=None) -> int:
 
     try:
         args.fn(args)
-    except (ScheduleError, UsageError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ScheduleError, UsageError, ConfigError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.filename is None:
+            raise  # not a file the user named (e.g. a connection): not an input error
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from s3_ray.search.driver import SearchError

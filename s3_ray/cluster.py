@@ -219,12 +219,11 @@ def submit_search(address: str | None, space: str, *, mlflow_uri=None, budget=No
     """Validate the space here, submit the search as a Ray job; returns (client, submission id, run name)."""
     import yaml
 
-    from s3_ray.config import load_config
+    from s3_ray.config import load_config, with_overrides
 
-    cfg = load_config(space)  # ConfigError (exit 2) before anything reaches the cluster
-    if budget:
-        cfg = cfg.model_copy(update={"budget": budget})
-    run_name = name or cfg.name
+    # ConfigError (exit 2) before anything reaches the cluster
+    cfg = with_overrides(load_config(space), {"budget": ("--budget", budget), "name": ("--name", name)})
+    run_name = cfg.name
     space_json = json.dumps(yaml.safe_load(Path(space).read_text()), separators=(",", ":"), sort_keys=True)
     entrypoint = search_entrypoint(space_json, mlflow_uri=mlflow_uri, budget=budget, algo=algo, name=name, runs=runs,
                                    resume=resume, fresh=fresh, python=python)
@@ -237,6 +236,11 @@ def submit_search(address: str | None, space: str, *, mlflow_uri=None, budget=No
         runtime_env["excludes"] = WORKING_DIR_EXCLUDES
     metadata = {"s3.search": run_name, "s3.algo": algo, "s3.budget": str(cfg.budget), "s3.space": str(space),
                 "submitted_by": "s3 submit"}
+    if resolve_token(token_file) is None:
+        print(f"warning: no Ray auth token for {resolve_address(address)}: the job goes out unauthenticated. A "
+              f"cluster with token auth refuses it; one without lets anyone who reaches its dashboard run code. "
+              f"The cluster files we ship enable token auth: pass --auth-token-file (or set RAY_AUTH_TOKEN)",
+              file=sys.stderr)
     client = JobsClient(address, token_file)
     job_id = client.submit(entrypoint, runtime_env, metadata, submission_id)
     return client, job_id, run_name

@@ -7,6 +7,7 @@ Errors name the field (``operators.order_probs: ...``). Defaults are the public 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -155,7 +156,7 @@ class ResourcesConfig(_Cfg):
 class SearchConfig(_Cfg):
     """A whole search: search_spaces/*.yaml."""
 
-    name: str = Field(default="search", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(default="search", description="run directory <runs>/<name>/ and MLflow experiment")
     model: ModelConfig = ModelConfig()
     metric: MetricConfig = MetricConfig()
     nfe: tuple[int, ...] = Field(default=(5,), description="NFE values searched jointly")
@@ -176,6 +177,14 @@ class SearchConfig(_Cfg):
     seed_schedules: tuple[str, ...] = Field(default=(), description="schedule JSON files evaluated first (source 'user')")
     baselines: tuple[str, ...] = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s")
     discretizations: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "time_quadratic", "edm")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError(f"{v!r} is not a run name: up to 100 letters, digits, '_', '.', '-', not starting "
+                             "with '.' or '-' (it names the directory <runs>/<name>/, so no path and no '..')")
+        return v
 
     @field_validator("nfe")
     @classmethod
@@ -210,22 +219,61 @@ def check_reference(model: ModelConfig, metric: MetricConfig) -> None:
 
 def load_config(path) -> SearchConfig:
     """Read and validate a search-space YAML; ConfigError names the file and field."""
+    from s3_ray.usf.schedule import read_text
+
     path = Path(path)
+    text = read_text(path, error=ConfigError)  # bounded, UTF-8; names the file
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: fast, depth-bounded
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse_config(data or {}, str(path))
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+    return parse_config({} if data is None else data, str(path))  # an empty file: the defaults
 
 
 def parse_config(data, source: str = "config") -> SearchConfig:
+    """Validate a search space: its fields (pydantic), then what they imply together (``check_space``:
+    noise schedule, NFE range, baselines). ConfigError names ``source`` and the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a search space is a mapping")
     try:
-        return SearchConfig.model_validate(data)
+        cfg = SearchConfig.model_validate(data)
     except ValidationError as e:
         from s3_ray.usf.schedule import format_validation_error
 
         raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+    from s3_ray.search.preflight import check_space
+
+    try:
+        check_space(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def with_overrides(cfg: SearchConfig, flags: dict[str, tuple[str, object]]) -> SearchConfig:
+    """``cfg`` with command-line overrides, validated like the file: ``flags`` maps a field to
+    (flag, value); None values are left out. A bad value raises ConfigError naming the flag."""
+    update = {field: value for field, (_, value) in flags.items() if value is not None}
+    if not update:
+        return cfg
+    try:
+        out = SearchConfig.model_validate({**cfg.model_dump(), **update})
+    except ValidationError as e:
+        from s3_ray.usf.schedule import format_validation_error
+
+        names = {field: flag for field, (flag, _) in flags.items()}
+        msgs = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{names.get(field, field)}: {msg}")
+        raise ConfigError("; ".join(msgs) or format_validation_error(e)) from None
+    from s3_ray.search.preflight import check_space
+
+    try:
+        check_space(out)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return out
