@@ -439,8 +439,9 @@ def main(argv=None):
         cfg = old["config"]
         a.budget, a.samples, a.nfe = cfg["budget"], cfg["metric"]["samples"][0], cfg["nfe"][0]
         a.repeats = 1 + max(r["repeat"] for r in old["runs"])
-        return report(old["runs"], a, sorted({r["workers"] for r in old["runs"]}),
-                      list(dict.fromkeys(r["variant"] for r in old["runs"])), machine=old["machine"])
+        missed = report(old["runs"], a, sorted({r["workers"] for r in old["runs"]}),
+                        list(dict.fromkeys(r["variant"] for r in old["runs"])), machine=old["machine"])
+        return exit_code(missed)
     if a.hosts == "netns" and os.geteuid() != 0:
         sys.exit("scaling.py needs root (cluster/local.sh uses network namespaces); or use --hosts same")
     workers = [int(w) for w in a.workers.split(",")]
@@ -458,7 +459,14 @@ def main(argv=None):
                           f"{100 * r['searcher_share']:.1f}% of wall, per node {r['trials_per_node']}, "
                           f"idle {100 * (r['idle_share'] or 0):.0f}%, CPU cores: ours {r['our_cpu_cores']:.2f} "
                           f"other {r['other_cpu_cores']:.2f}", flush=True)
-    report(runs, a, workers, variants)
+    return exit_code(report(runs, a, workers, variants))
+
+
+def exit_code(missed: list[str]) -> int:
+    """1 if the report marked a target missed (``make bench`` fails then), else 0."""
+    if missed:
+        print(f"scaling.py: target(s) missed: {', '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 KEYS = ("trials_per_min", "steady_trials_per_min", "fit_wall_s", "searcher_s", "searcher_share", "idle_share",
@@ -559,6 +567,7 @@ def report(runs, a, workers, variants, machine=None):
                   f"{r['trials_per_node']} | {r['our_cpu_cores']:.2f} / {r['other_cpu_cores']:.2f} |")
     (RESULTS / f"scaling{a.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    return [name for name, ok in target_checks(agg, speedup, workers, variants).items() if not ok]
 
 
 def cpu_by_process_table(runs, variants, workers) -> list[str]:
@@ -613,6 +622,21 @@ def versus_fix(label: str, v: str, agg, speedup, workers) -> str:
             f"{speedup[v]['trials_per_min']:.2f}x.")
 
 
+def target_checks(agg, speedup, workers, variants) -> dict[str, bool]:
+    """The targets the diagnosis reports, True where met: a speed-up of >= 1.8x from the first to the last
+    worker count, and the searcher < 5 % of the fit's wall time (with the last worker count as shipped, with
+    either worker count for plan_ahead), for the driver as shipped (fix) and with plan_ahead (ahead)."""
+    if len(workers) < 2 or "fix" not in variants:
+        return {}
+    shares = {v: [agg[f"{v}/{w}"]["searcher_share"] for w in (workers[0], workers[-1])] for v in ("fix", "ahead")
+              if v in variants}
+    checks = {"fix: speed-up": speedup["fix"]["trials_per_min"] >= 1.8, "fix: searcher share": shares["fix"][1] < 0.05}
+    if "ahead" in variants:
+        checks["ahead: speed-up"] = speedup["ahead"]["trials_per_min"] >= 1.8
+        checks["ahead: searcher share"] = max(shares["ahead"]) < 0.05
+    return checks
+
+
 def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> list[str]:
     """Where the time goes, from the medians (the targets: >= 1.8x from 1 to 2 workers, searcher < 5 %)."""
     if len(workers) < 2 or "fix" not in variants:
@@ -621,11 +645,12 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
     k = workers[-1] / workers[0]
     serial = one["idle_share"]
     bound = 1 / (serial + (1 - serial) / k)
+    met = {name: "met" if ok else "missed" for name, ok in target_checks(agg, speedup, workers, variants).items()}
     lines = ["", "## Diagnosis", "",
              f"- Targets: speed-up {speedup['fix']['trials_per_min']:.2f}x (target 1.8x: "
-             f"{'met' if speedup['fix']['trials_per_min'] >= 1.8 else 'missed'}); searcher "
+             f"{met['fix: speed-up']}); searcher "
              f"{100 * one['searcher_share']:.0f}-{100 * two['searcher_share']:.0f} % of wall (target < 5 %: "
-             f"{'met' if two['searcher_share'] < 0.05 else 'missed'}).",
+             f"{met['fix: searcher share']}).",
              f"- Serial part: with 1 worker no trial is in flight {100 * serial:.0f} % of the fit (stage planning "
              f"{one.get('planning_s', one['searcher_s']):.1f} s at 3 stage boundaries, Tune's turnaround of "
              f"{1000 * one.get('median_turnaround_s', float('nan')):.0f} ms (median) from a result to the next "
@@ -646,9 +671,9 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
         lines.append(f"- Planning ahead (plan_ahead {PLAN_AHEAD}; a different search: each stage trains without the "
                      f"previous phase's last {PLAN_AHEAD} results): speed-up {sp['trials_per_min']:.2f}x over the whole fit, "
                      f"{sp['steady_trials_per_min']:.2f}x steady (target 1.8x: "
-                     f"{'met' if sp['trials_per_min'] >= 1.8 else 'missed'}); the searcher's time in the driver's "
+                     f"{met['ahead: speed-up']}); the searcher's time in the driver's "
                      f"loop {100 * a1['searcher_share']:.1f}-{100 * a2['searcher_share']:.1f} % of wall (target < 5 %: "
-                     f"{'met' if max(a1['searcher_share'], a2['searcher_share']) < 0.05 else 'missed'}), planning "
+                     f"{met['ahead: searcher share']}), planning "
                      f"{a1.get('planning_s', float('nan')):.1f} s beside the trials; no trial in flight "
                      f"{100 * a1['idle_share']:.0f} % / {100 * a2['idle_share']:.0f} % of the fit (fix: "
                      f"{100 * one['idle_share']:.0f} % / {100 * two['idle_share']:.0f} %); trials/min vs fix: "
@@ -665,4 +690,4 @@ def diagnosis(agg, speedup, workers, variants, machine, per_stage: float) -> lis
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

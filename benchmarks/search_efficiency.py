@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -147,6 +148,10 @@ def main(argv=None):
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     _plot(out, algos, budgets, RESULTS / f"{stem}.png")
     print("\n".join(md))
+    missed = [k for k, v in checks.items() if v is False]
+    if missed:  # make bench fails
+        print(f"search_efficiency.py: target(s) missed: {', '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 def _plot(out, algos, budgets, path):
@@ -171,4 +176,4 @@ def _plot(out, algos, budgets, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,12 @@ def kill_processes_with_env(marker: str) -> int:
 
 def trial_runs(db: Path, name: str):
     """The search's child runs (empty while the store does not exist or is busy)."""
+    return mlflow_runs(db, name, "trial")
+
+
+def mlflow_runs(db: Path, name: str, kind: str):
+    """The runs of search ``name`` whose tag ``s3.kind`` is ``kind`` (``trial``: child runs, ``search``: parent
+    runs); empty while the store does not exist or is busy."""
     from mlflow.tracking import MlflowClient
 
     if not db.exists():
@@ -92,7 +99,7 @@ def trial_runs(db: Path, name: str):
         exp = client.get_experiment_by_name(name)
         if exp is None:
             return []
-        return client.search_runs([exp.experiment_id], filter_string="tags.`s3.kind` = 'trial'", max_results=1000)
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`s3.kind` = '{kind}'", max_results=1000)
     except Exception:  # e.g. the writer holds the sqlite lock while we poll
         return []
 
@@ -105,11 +112,26 @@ def tune_trials(tune_dir: Path) -> list[dict]:
              "num_failures": t.run_metadata.num_failures} for t in ea.trials]
 
 
+def tune_results(tune_dir: Path) -> dict[str, list[dict]]:
+    """The results in each trial's ``result.json``, per trial key, in order. A trial retried in the same
+    Ray session appends to it; one that Tune runs again after ``Tuner.restore`` (a new session) starts a
+    new file, which replaces the old one in the run directory."""
+    out: dict[str, list[dict]] = {}
+    for f in sorted(tune_dir.glob("*/result.json")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out.setdefault(r["config"]["trial_key"], []).append(r)
+    return out
+
+
 def wait_for(predicate, timeout: float, interval: float = 1.0):
+    """Poll ``predicate`` until it returns a true value (returned), at most ``timeout`` s; else False."""
     end = time.time() + timeout
     while time.time() < end:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(interval)
     return False
 

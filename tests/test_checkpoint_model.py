@@ -84,7 +84,7 @@ def test_ddim_matches_diffusers_on_the_same_unet(pipeline_dir, prediction):
         ours = sample(ours_sched, target.model, target.noise, x_T.clone())
     rel = float((ours - x).abs().max() / ours.abs().max())
     print(f"DDIM 10 steps on a UNet2DModel checkpoint, {prediction} prediction: max rel diff {rel:.2e}")
-    assert torch.isfinite(ours).all() and rel <= 1e-4
+    assert torch.isfinite(ours).all() and rel <= 6e-7  # measured 4.6e-7 (data) / 3.2e-7 (noise), see README
 
 
 def test_trials_score_on_a_checkpoint(pipeline_dir, tmp_path, monkeypatch):

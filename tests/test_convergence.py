@@ -24,24 +24,32 @@ EXPECTED = {
     "dpm_solver_pp_3m_exact": 3,
     "unipc_bh1": 3,
     "unipc_bh2": 3,
+    "unipc_bh1_3": 4,  # order-3 predictor + order-4 corrector
+    "unipc_bh2_3": 4,
     "dpm_solver_3s": 3,
+    "dpm_solver_pp_3s": 3,
     "dpm_solver_2s": 2,
     "dpm_solver_pp_2s": 2,
 }
 STEPS = [32, 64, 128, 256]
+# DPM-Solver++(3S) reaches its order late: fitted slope 2.75 (VP) / 2.78 (EDM) on 32..256 NFE, 2.89 / 2.90
+# on 64..512; the slope between successive grids (VP) rises 2.70, 2.90, 2.93 (2.97 from 384 to 768).
+STEPS_FOR = {"dpm_solver_pp_3s": [64, 128, 256, 512]}
 
 
 def fitted_slope(noise, name):
     t_end = float(noise.inverse_lambda(1.0))
     data = GaussianData(noise, mean=torch.tensor([0.5, -1.0, 2.0, 0.0]), var=torch.tensor([0.05, 0.5, 1.0, 2.0]))
     x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * float(noise.sigma(noise.T))
-    nfes = [3 * -(-n // 3) for n in STEPS] if name.endswith("3s") else STEPS  # whole order-3 macro steps
+    steps = STEPS_FOR.get(name, STEPS)
+    nfes = [3 * -(-n // 3) for n in steps] if name.endswith("3s") else steps  # whole order-3 macro steps
     errors = []
     for n in nfes:
         s = build_baseline(name, noise, n, t_end=t_end)
         out = sample(s, ModelAdapter(data.net, noise, output="x0"), noise, x_T)
         errors.append(float((out - data.solve(x_T, s.t_start, s.t_end)).abs().max()))
-    assert 1e-7 < min(errors) and max(errors) < 0.5, errors  # asymptotic, above round-off
+    # asymptotic, and far above float64 round-off (UniPC-3 reaches 3.4e-8 at 256 NFE)
+    assert 1e-9 < min(errors) and max(errors) < 0.5, errors
     return -np.polyfit(np.log(nfes), np.log(errors), 1)[0], errors
 
 

@@ -235,6 +235,61 @@ def test_zero_x0_is_consistent():
     for pred in ("data", "noise"):
         s_afs = build_baseline("ddim", noise, 3, afs="zero_x0", prediction=pred)
         s_model = SolverSchedule(**{**s_afs.model_dump(), "afs": "none"})
-        a = sample(s_afs, zero.net and ModelAdapter(zero.net, noise, output="x0"), noise, x_T)
+        a = sample(s_afs, ModelAdapter(zero.net, noise, output="x0"), noise, x_T)
         b = sample(s_model, ModelAdapter(zero.net, noise, output="x0"), noise, x_T)
         assert float((a - b).abs().max()) < 1e-12
+
+
+def _relaxation_closed_form(kind: str, h_tilde: float, scale: float = 1.0, slope: float = 0.0) -> float:
+    """R(h~) as the Relaxation docstring states it, written out with plain exponentials."""
+    em1 = math.exp(h_tilde) - 1.0
+    if kind == "linear":
+        return scale + slope * h_tilde
+    if kind in ("dpmsolver2", "unipc_bh2"):
+        return h_tilde * em1 / (2.0 * (em1 - h_tilde))
+    assert kind == "unipc_bh1"
+    return h_tilde**2 / (2.0 * (em1 - h_tilde))
+
+
+RELAXATIONS = [
+    {"kind": "linear", "slope": 0.37},
+    {"kind": "linear", "scale": 0.6, "slope": -0.25},
+    {"kind": "dpmsolver2"},
+    {"kind": "unipc_bh1"},
+    {"kind": "unipc_bh2"},
+]
+
+
+@pytest.mark.parametrize("lambdas", [(-1.5, -0.5, 0.7), (-1.5, -1.0, -0.7)], ids=["h1.2", "h0.3"])
+@pytest.mark.parametrize("form", ["data", "noise"])
+@pytest.mark.parametrize("relax", RELAXATIONS, ids=lambda r: "-".join(str(v) for v in r.values()))
+def test_relaxation_factor_in_a_step_matches_closed_form(relax, form, lambdas):
+    """An order-2 step whose first derivative is exact (F linear in lambda) and relaxed by R:
+    data:  x_2 = s_2/s_1 x_1 + a_2 [(1 - e^-h) F_1 + (e^-h - 1 + h) R(-h) F'],
+    noise: x_2 = a_2/a_1 x_1 - s_2 [(e^h - 1) F_1 + (e^h - 1 - h) R(h) F'],
+    with R from the docstring's formulas at h~ = -h (data) or h (noise); x_1 is the DDIM step."""
+    noise = VPLinear()
+    c0, c1 = 0.3, -0.8
+    eps, P = _poly_model(noise, [c0, c1], form)
+    lam = np.array(lambdas)
+    t = [float(v) for v in noise.inverse_lambda(lam)]
+    a = [float(v) for v in noise.alpha(np.array(t))]
+    sg = [float(v) for v in noise.sigma(np.array(t))]
+    s = SolverSchedule(noise_schedule="vp_linear", t_start=t[0], steps=(
+        Step(t=t[1], prediction=form, order=1),
+        Step(t=t[2], prediction=form, order=2, derivatives=(Derivative(points=(-2,), relaxation=relax),)),
+    ))
+    x0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    h0, h = lam[1] - lam[0], lam[2] - lam[1]
+    F0, F1 = P(lam[0]), P(lam[1])
+    if form == "data":
+        R = _relaxation_closed_form(h_tilde=-h, **relax)
+        x1 = sg[1] / sg[0] * x0 + a[1] * (1 - math.exp(-h0)) * F0
+        x2 = sg[2] / sg[1] * x1 + a[2] * ((1 - math.exp(-h)) * F1 + (math.exp(-h) - 1 + h) * R * c1)
+    else:
+        R = _relaxation_closed_form(h_tilde=h, **relax)
+        x1 = a[1] / a[0] * x0 - sg[1] * math.expm1(h0) * F0
+        x2 = a[2] / a[1] * x1 - sg[2] * (math.expm1(h) * F1 + (math.exp(h) - 1 - h) * R * c1)
+    assert abs(R - 1.0) > 0.02  # the relaxation matters in this step
+    out = sample(s, eps, noise, x0)
+    assert float((out - x2).abs().max()) < 1e-12 * float(x2.abs().max())

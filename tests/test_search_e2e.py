@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,14 @@ from s3_ray.usf.noise import VPLinear
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
 from .search_helpers import (
+    mlflow_runs,
     run,
     search_cmd,
     search_env,
     search_to_end,
     stop_test_ray,
     trial_runs,
+    tune_results,
     tune_trials,
     wait_for,
     write_space,
@@ -96,6 +99,7 @@ def test_driver_killed_then_resumed(tmp_path):
         assert progress and proc.poll() is None, f"no progress; driver exit code {proc.poll()}:\n{log.read_text()[-3000:]}"
         before = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in finished(trial_runs(db, "resume"))}
     finally:
+        t_kill = time.time()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)
@@ -113,6 +117,18 @@ def test_driver_killed_then_resumed(tmp_path):
     assert sorted(logged) == sorted(keys)  # no finished trial lost or duplicated in MLflow
     after = {x.data.tags["s3.trial_id"]: x.data.metrics["score"] for x in runs}
     assert all(after[k] == v for k, v in before.items())
+    # finished trials were not evaluated again: Tune runs a trial again after the restore if it ended after
+    # Tune's last snapshot, and the result cache answers it; the trials in MLflow before the kill have no result
+    # evaluated after it (Tune's result timestamps: whole seconds, rounded down)
+    results = tune_results(runs_root / "resume" / "tune")
+    assert sorted(results) == sorted(keys)
+    assert all(sum(r["cached"] == 0 for r in rs) <= 1 for rs in results.values()), results
+    assert all(r["cached"] == 1 or r["timestamp"] <= t_kill for k in before for r in results[k]), \
+        {k: [(r["cached"], r["timestamp"]) for r in results[k]] for k in before}
+    # one parent run, the first driver's, finished by the resumed one; every child run under it
+    parents = mlflow_runs(db, "resume", "search")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(p.info.run_id, p.info.status) for p in parents]
+    assert {x.data.tags["mlflow.parentRunId"] for x in runs} == {parents[0].info.run_id}
     assert (runs_root / "resume" / "summary.md").is_file()
 
 

@@ -2,14 +2,17 @@
 analytic Gaussian-mixture model against a high-accuracy solve from the same noise)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
+import scipy.stats
 from ray.tune.search import Searcher
 
 from s3_ray.config import parse_config
 from s3_ray.metrics.evaluate import evaluate, get_target
-from s3_ray.search.predictor import heldout_tau
+from s3_ray.search import predictor as predictor_module
+from s3_ray.search.predictor import heldout_tau, kendall_tau, per_nfe_tau
 from s3_ray.search.searcher import S3Searcher, predictor_quality
 from s3_ray.usf.schedule import SolverSchedule
 
@@ -46,7 +49,7 @@ def run_loop(searcher, n_max=1000, stop_after=None):
     return "exhausted"
 
 
-def test_loop_improves_on_seeded_baselines():
+def test_loop_improves_on_seeded_baselines(monkeypatch):
     cfg = parse_config(CFG)
     s = S3Searcher(cfg, algo="s3")
     assert run_loop(s) == "finished"
@@ -59,19 +62,39 @@ def test_loop_improves_on_seeded_baselines():
         print(f"NFE {nfe}: best baseline RMSE {base:.4f}, best searched {found:.4f}, taus {s.taus}")
         assert found < base
 
-    # Predictor quality is measured after the search; the held-out tau is the one a predictor
-    # trained like each stage's gets on a split of exactly that stage's training set.
+    # Predictor quality is measured after the search. proposal_tau: Kendall tau of each stage's
+    # predictions for the schedules it chose against their scores, per NFE (groups of >= 3),
+    # weighted by group size; recomputed here with scipy from the results.
     quality = predictor_quality(json.loads(json.dumps(s.get_state())))
     assert [q["stage"] for q in quality] == [0, 1]
-    ordered = sorted(s.results, key=lambda r: r["index"])
     for q in quality:
-        trained = ordered[: q["n_train"]]
-        np.testing.assert_equal(q["kendall_tau"], heldout_tau([SolverSchedule.from_json(r["schedule"]) for r in trained],
-                                               [r["score"] for r in trained], cfg.predictor, s.noise,
-                                               seed=cfg.seed + q["stage"]))
-        assert q["n_evaluated"] == q["chosen"] > 0
-        assert -1 <= q["proposal_tau"] <= 1
+        own = [r for r in s.results if r["stage"] == q["stage"] and r["source"] == "predictor"]
+        assert q["n_evaluated"] == q["chosen"] == len(own) > 0
+        taus, sizes = [], []
+        for nfe in sorted({r["nfe"] for r in own}):
+            group = [r for r in own if r["nfe"] == nfe]
+            if len(group) >= 3:
+                taus.append(scipy.stats.kendalltau([r["predicted"] for r in group], [r["score"] for r in group]).statistic)
+                sizes.append(len(group))
+        assert q["proposal_tau"] == pytest.approx(np.average(taus, weights=sizes), abs=1e-12)
+        # NaN where no NFE group of the 25 % held out has 3 schedules (stage 0 here: ~10 per NFE)
+        assert math.isnan(q["kendall_tau"]) or -1 <= q["kendall_tau"] <= 1
+    assert math.isfinite(quality[-1]["kendall_tau"])
     print("predictor quality", quality)
+
+    # kendall_tau is the held-out tau on each stage's own training set: with a predictor that knows
+    # the true scores it is exactly 1 (NaN where the split leaves no group of 3), and it was fit on
+    # 75 % of that training set.
+    _use_known_predictor(monkeypatch, {r["schedule_hash"]: r["score"] for r in s.results})
+    known = predictor_quality(json.loads(json.dumps(s.get_state())))
+    ordered = sorted(s.results, key=lambda r: r["index"])
+    for q, k, fit, held in zip(quality, known, _KnownPredictor.fits, _KnownPredictor.predicted, strict=True):
+        if math.isnan(q["kendall_tau"]):
+            assert math.isnan(k["kendall_tau"])
+        else:
+            assert k["kendall_tau"] == pytest.approx(1.0)
+        trained = {r["schedule_hash"] for r in ordered[: q["n_train"]]}
+        assert not fit & held and fit | held == trained and abs(len(held) - 0.25 * len(trained)) <= 2
 
 
 @pytest.mark.parametrize("algo", ["s3", "evolution", "random", "optuna-tpe"])
@@ -209,3 +232,77 @@ def test_search_without_seed_schedules_finishes(plan_ahead):
     assert not s.queue
     run_concurrent(s, workers=2, order_seed=0)
     assert len(s.results) == cfg.budget and [t["n_train"] for t in s.taus][0] == 0
+
+
+def test_kendall_tau_on_hand_made_rankings():
+    # n = 4: 6 pairs; one discordant pair gives (5 - 1) / 6, two give (4 - 2) / 6
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(2 / 3)
+    assert kendall_tau([1, 2, 3, 4], [20, 30, 10, 40]) == pytest.approx(1 / 3)
+    # tau-b, one tied pair in the true scores: C = 3, D = 2, tau = (C - D) / sqrt(6 (6 - 1))
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 3, 2]) == pytest.approx(1 / math.sqrt(30))
+    # a failed schedule (NaN / inf score) ranks below every finite one
+    assert kendall_tau([1, 2, 3], [0.1, 0.2, float("nan")]) == pytest.approx(1.0)
+    assert kendall_tau([3, 2, 1], [0.1, 0.2, float("inf")]) == pytest.approx(-1.0)
+    # undefined: 0
+    assert kendall_tau([1], [2]) == 0.0 and kendall_tau([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_per_nfe_tau_weights_groups_and_skips_small_ones():
+    nfes = [4, 4, 4, 5, 5, 5, 5, 6, 6]
+    pred = [1, 2, 3, 1, 2, 3, 4, 1, 2]
+    true = [1, 2, 3, 4, 3, 2, 1, 2, 1]  # NFE 4: tau 1 (3 items), NFE 5: tau -1 (4), NFE 6: 2 items, skipped
+    assert per_nfe_tau(nfes, pred, true) == pytest.approx((3 * 1 - 4 * 1) / 7)
+    assert per_nfe_tau(nfes, pred, true, min_group=4) == pytest.approx(-1.0)
+    assert math.isnan(per_nfe_tau([4, 4, 5], [1, 2, 3], [1, 2, 3]))
+
+
+class _KnownPredictor:
+    """Stands in for the MLP in heldout_tau: predicts each schedule's true score (sign = 1) or its
+    negation (sign = -1), so the held-out tau is known exactly: 1 or -1. Records the schedule hashes
+    it was fit on and asked to predict."""
+
+    sign = 1.0
+    all_scores: dict = {}
+    fits: list = []
+    predicted: list = []
+
+    def __init__(self, cfg, noise, seed=0, **_):
+        pass
+
+    def fit(self, schedules, scores):
+        _KnownPredictor.fits.append({s.schedule_hash() for s in schedules})
+        return self
+
+    def predict(self, schedules):
+        _KnownPredictor.predicted.append({s.schedule_hash() for s in schedules})
+        return np.array([self.sign * self.all_scores[s.schedule_hash()] for s in schedules])
+
+
+def _use_known_predictor(monkeypatch, scores: dict, sign: float = 1.0):
+    monkeypatch.setattr(predictor_module, "Predictor", _KnownPredictor)
+    monkeypatch.setattr(_KnownPredictor, "sign", sign)
+    monkeypatch.setattr(_KnownPredictor, "all_scores", scores)
+    monkeypatch.setattr(_KnownPredictor, "fits", [])
+    monkeypatch.setattr(_KnownPredictor, "predicted", [])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_heldout_tau_with_a_known_predictor(monkeypatch, sign):
+    from s3_ray.search.space import random_schedule_at_nfe
+    from s3_ray.usf.noise import VPLinear
+
+    noise, rng = VPLinear(), np.random.default_rng(0)
+    schedules = [random_schedule_at_nfe(rng, noise, n) for n in [4] * 16 + [5] * 12 + [6] * 4]
+    scores = list(rng.normal(size=len(schedules)))
+    assert len({s.schedule_hash() for s in schedules}) == len(schedules)
+    _use_known_predictor(monkeypatch, {s.schedule_hash(): v for s, v in zip(schedules, scores)}, sign)
+    cfg = parse_config(CFG).predictor
+    # held out: 25 % of each NFE group (4, 3, 1 schedules); the NFE-6 group has < 3 and is skipped
+    assert heldout_tau(schedules, scores, cfg, noise, seed=1) == pytest.approx(sign)
+    (fit,), (held,) = _KnownPredictor.fits, _KnownPredictor.predicted
+    assert len(fit) == 32 - 8 and not fit & held and fit | held == {s.schedule_hash() for s in schedules}
+    # a different seed holds out a different split
+    heldout_tau(schedules, scores, cfg, noise, seed=2)
+    assert _KnownPredictor.fits[1] != fit

@@ -2,12 +2,22 @@
 DecisionSpace, at their intended NFE, and deterministic per seed."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from s3_ray.config import DecisionSpace, OperatorConfig
-from s3_ray.search.space import crossover, mutate, propose, random_schedule, random_schedule_at_nfe, repair
+from s3_ray.config import DecisionSpace, OperatorConfig, load_config
+from s3_ray.search.space import (
+    NAMED_SLOPE,
+    _nudge,
+    crossover,
+    mutate,
+    propose,
+    random_schedule,
+    random_schedule_at_nfe,
+    repair,
+)
 from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.noise import EDM, VPLinear
 from s3_ray.usf.schedule import SolverSchedule
@@ -52,16 +62,16 @@ def test_operators_valid_in_space_and_at_nfe(case):
     rng = np.random.default_rng(case)
     nfes = list(nfe_range(noise, dec))
     pool = {n: [] for n in nfes}
-    count = 0
+    made = {"random": [], "mutate": [], "crossover": [], "propose": []}  # hashes of what the operators returned
     for _ in range(25):  # random schedules
         s = random_schedule(rng, noise, int(rng.integers(1, dec.max_steps + 1)), dec, ops)
         check(s, noise, dec)
         n = int(rng.choice(nfes))
-        s = random_schedule_at_nfe(rng, noise, n, dec, ops)
-        check(s, noise, dec)
-        assert s.nfe() == n
-        pool[n].append((s, float(rng.random())))
-        count += 2
+        s2 = random_schedule_at_nfe(rng, noise, n, dec, ops)
+        check(s2, noise, dec)
+        assert s2.nfe() == n
+        pool[n].append((s2, float(rng.random())))
+        made["random"] += [s.schedule_hash(), s2.schedule_hash()]
     # baselines (possibly outside the space) are repaired into it by the operators
     pool[5].append((build_baseline("unipc_bh2_3", noise, 5), 0.0))
     pool[4].append((build_baseline("dpm_solver_3s", noise, 4), 0.0))
@@ -73,8 +83,8 @@ def test_operators_valid_in_space_and_at_nfe(case):
         m = mutate(rng, a_in, noise, dec, keep)
         check(m, noise, dec)
         assert m.nfe() == a_in.nfe()
-        m = mutate(rng, a, noise, dec, ops)
-        check(m, noise, dec)
+        m2 = mutate(rng, a, noise, dec, ops)
+        check(m2, noise, dec)
         c = crossover(rng, a, b, noise, dec, ops)
         check(c, noise, dec)
         assert len(c.steps) in (len(a.steps), len(b.steps))
@@ -82,8 +92,14 @@ def test_operators_valid_in_space_and_at_nfe(case):
         p = propose(rng, pool, target, noise, dec, ops, set(nfes))
         check(p, noise, dec)
         assert p.nfe() in nfes
-        count += 4
-    assert count >= 160  # x 6 cases: ~1,000 schedules
+        made["mutate"] += [m.schedule_hash(), m2.schedule_hash()]
+        made["crossover"].append(c.schedule_hash())
+        made["propose"].append(p.schedule_hash())
+    # the checks above ran on new schedules, not on the same few again and again (x 6 cases: ~1,000)
+    distinct = {k: len(set(v)) for k, v in made.items()}
+    print(case, distinct)
+    assert distinct["random"] >= 45 and distinct["mutate"] >= 50 and distinct["propose"] >= 25, distinct
+    assert distinct["crossover"] >= 15, distinct
 
 
 def test_random_schedule_at_nfe_every_nfe_and_infeasible():
@@ -225,3 +241,51 @@ def test_propose_falls_back():
     pool = {5: [(random_schedule_at_nfe(rng, noise, 5, dec, ops), s) for s in (3.0, math.nan, 1.0)]}
     for _ in range(10):
         assert propose(rng, pool, 5, noise, dec, ops.model_copy(update={"top_k": 1}), {5}).nfe() == 5
+
+
+@pytest.mark.parametrize("kind", sorted(NAMED_SLOPE))
+def test_named_relaxation_slopes_are_the_expansions_of_their_factors(kind):
+    """A mutated named factor becomes linear with slope c where R(h~) = 1 + c h~ + O(h~^2): the
+    slope of the docstring's closed forms at h~ -> 0 (dpmsolver2/unipc_bh2 1/6, unipc_bh1 -1/3)."""
+
+    def closed_form(h):  # Relaxation docstring, with expm1 so that e^h - 1 - h keeps its digits
+        em1 = math.expm1(h)
+        return h * em1 / (2 * (em1 - h)) if kind != "unipc_bh1" else h * h / (2 * (em1 - h))
+
+    for h in (1e-3, -1e-3):
+        assert (closed_form(h) - 1.0) / h == pytest.approx(NAMED_SLOPE[kind], abs=2e-4)
+    assert (closed_form(1e-3) - closed_form(-1e-3)) / 2e-3 == pytest.approx({"unipc_bh1": -1 / 3}.get(kind, 1 / 6), abs=1e-6)
+    nudged = _nudge(np.random.default_rng(0), {"kind": kind}, 0.0)
+    assert nudged == {"kind": "linear", "scale": 1.0, "slope": NAMED_SLOPE[kind]}
+
+
+def test_default_search_space_digits_yaml():
+    """`make search`'s space parses, and holds the values the README and the space's comments describe."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "search_spaces" / "digits.yaml")
+    assert cfg.name == "digits"
+    assert (cfg.model.kind, cfg.model.noise_schedule, cfg.model.output) == ("digits", "vp_linear", "eps")
+    m = cfg.metric
+    assert (m.kind, m.reference, m.samples, m.final_samples, m.final_seeds) == ("fid", "data", (1000,), 2000, 2)
+    assert m.feature_extractor == "s3-digits"
+    assert cfg.nfe == (3, 4, 5) and cfg.budget == 240 and cfg.stages == 3 and cfg.plan_ahead == 0
+    assert cfg.random_init == 6 and cfg.final_top_k == 3 and cfg.concurrency == 2 and cfg.seed == 0
+    assert cfg.baselines == ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s")
+    assert cfg.discretizations == ("logsnr_uniform", "time_uniform", "time_quadratic", "edm")
+    ops = cfg.operators  # the public release's values (USF spec 4.2)
+    assert (ops.top_k, ops.crossover_prob, ops.deep_crossover_prob, ops.step_mutation_prob) == (15, 0.3, 0.5, 0.3)
+    assert (ops.timestep_sigma, ops.relaxation_sd, ops.afs_prob) == (0.08, 0.03, 0.3)
+    assert (ops.add_step_prob, ops.delete_step_prob) == (0.2, 0.2)
+    assert ops.order_probs == {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1} and ops.first_derivative_points == (1, 2)
+    assert ops.corrector_probs == {"none": 0.5, "pseudo": 0.5}
+    d = cfg.decisions
+    assert d.predictions == ("noise", "data") and d.max_order == 3 and d.correctors == ("none", "pseudo")
+    assert d.afs == ("none", "zero_x0", "mean_x0") and d.min_dlambda == 0.05 and d.max_steps == 12
+    assert d.t_end_range is None
+    assert cfg.predictor.hidden == (64, 64) and cfg.predictor.epochs == 300 and cfg.predictor.candidates == 400
+    assert (cfg.resources.cpu, cfg.resources.gpu) == (1, 0)
+    # every NFE of the range is reachable in this decision space
+    rng = np.random.default_rng(0)
+    for n in cfg.nfe:
+        s = random_schedule_at_nfe(rng, VP, n, d, ops)
+        assert s.nfe() == n
+        check(s, VP, d)
