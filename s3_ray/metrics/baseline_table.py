@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from s3_ray.progress import Progress
+
 
 def _score_one(args) -> dict:
     name, disc, nfe, samples, seeds = args
@@ -47,6 +49,17 @@ def _score_one(args) -> dict:
     return out
 
 
+def _model_reference() -> None:
+    """Make (or find cached) the 'model' reference set of the embedded model, as ``_score_one`` would."""
+    import torch
+
+    torch.set_num_threads(1)
+    from s3_ray.config import MetricConfig, ModelConfig
+    from s3_ray.metrics.evaluate import get_target
+
+    get_target(ModelConfig().model_dump_json(), MetricConfig(reference="model").model_dump_json()).reference_images()
+
+
 def baseline_table(nfes, samples: int = 1000, seeds: int = 2, out_dir="benchmarks/results", workers: int | None = None,
                    names=None, discretizations=None) -> dict:
     from s3_ray.usf.baselines import BASELINES, DISCRETIZATIONS
@@ -58,7 +71,12 @@ def baseline_table(nfes, samples: int = 1000, seeds: int = 2, out_dir="benchmark
     start = time.time()
     workers = workers or min(2, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
-        rows = list(pool.map(_score_one, jobs, chunksize=4))
+        pool.submit(_model_reference).result()  # made once (with its own progress), not by every worker
+        with Progress(len(jobs), "baselines", "schedules", per="min") as progress:
+            rows = []
+            for r in pool.map(_score_one, jobs, chunksize=4):
+                rows.append(r)
+                progress.update(1, f"NFE {r['nfe']} {r['name']}/{r['discretization']}")
     converged = _converged(samples, seed_list)
     best = {}
     for nfe in nfes:

@@ -88,12 +88,18 @@ class Target:
         return torch.randn((n, *self.shape), generator=g, dtype=self.dtype) * float(self.noise.sigma(self.noise.T))
 
     @torch.no_grad()
-    def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None) -> torch.Tensor:
-        """``n`` samples from noise seed ``seed``, solved ``chunk`` (default ``SAMPLE_CHUNK``) at a time."""
+    def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None,
+               progress=None) -> torch.Tensor:
+        """``n`` samples from noise seed ``seed``, solved ``chunk`` (default ``SAMPLE_CHUNK``) at a time;
+        ``progress`` (an ``s3_ray.progress.Progress``) advances by each chunk's samples."""
         plan = SamplerPlan(schedule, self.noise)
         mean = self.data_mean.to(self.dtype)
-        x_T = self.noise_batch(n, seed).split(chunk or SAMPLE_CHUNK)
-        return torch.cat([plan.run(self.model, x.to(self.device), data_mean=mean).cpu() for x in x_T])
+        out = []
+        for x in self.noise_batch(n, seed).split(chunk or SAMPLE_CHUNK):
+            out.append(plan.run(self.model, x.to(self.device), data_mean=mean).cpu())
+            if progress is not None:
+                progress.update(len(x))
+        return torch.cat(out)
 
     def reference_solution(self, n: int, seed: int) -> torch.Tensor:
         """High-accuracy solve from the same noise (for the RMSE proxy), cached per process."""
@@ -126,7 +132,10 @@ def model_reference_images(target: Target, n: int) -> torch.Tensor:
     path = cache_dir() / f"model-ref-{target.weights_sha[:16]}-{how}-{name}-{nfe}-{n}-{MODEL_REFERENCE_SEED}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    x = target.sample(build_baseline(name, target.noise, nfe), n, MODEL_REFERENCE_SEED)
+    from s3_ray.progress import Progress
+
+    with Progress(n, f"model reference set ({nfe}-NFE solve)", "samples") as progress:
+        x = target.sample(build_baseline(name, target.noise, nfe), n, MODEL_REFERENCE_SEED, progress=progress)
     images = uint8_images(x)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")

@@ -29,6 +29,7 @@ from s3_ray.models.digits import (
     n_params,
     save_weights,
 )
+from s3_ray.progress import Progress
 
 T_MIN = 1e-3  # training times t ~ U(T_MIN, 1)
 
@@ -40,6 +41,11 @@ def _lr_lambda(steps: int, warmup: int):
         return 0.5 * (1.0 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
 
     return f
+
+
+def _check_steps(steps: int) -> None:
+    if steps < 1:  # zero steps would save the untrained initial weights
+        raise ValueError(f"steps: must be at least 1, got {steps}")
 
 
 def _env() -> dict:
@@ -67,11 +73,12 @@ def eps_loss(net, x0: torch.Tensor, schedule, seed: int = 1, reps: int = 4) -> f
 
 
 def train_diffusion(out_dir, steps: int = 11000, batch: int = 128, seed: int = 0, lr: float = 2e-3,
-                    ema_decay: float = 0.999, warmup: int = 200, log_every: int = 500) -> dict:
+                    ema_decay: float = 0.999, warmup: int = 200, log_every: int = 100) -> dict:
     """Train the ε-prediction UNet on the digits train split (VP linear schedule); save the EMA
     weights to ``out_dir/digits_unet.safetensors`` (+ ``.json``) and return the metadata."""
     from s3_ray.usf.noise import VPLinear
 
+    _check_steps(steps)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -83,6 +90,7 @@ def train_diffusion(out_dir, steps: int = 11000, batch: int = 128, seed: int = 0
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     t0, run = time.time(), []
+    progress = Progress(steps, "train diffusion", "steps")  # the loss: mean of the last log_every steps
     for i in range(steps):
         x0 = x_tr[torch.randint(len(x_tr), (batch,), generator=g)]
         t = T_MIN + (1 - T_MIN) * torch.rand(batch, generator=g)
@@ -98,8 +106,9 @@ def train_diffusion(out_dir, steps: int = 11000, batch: int = 128, seed: int = 0
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1.0 - ema_decay)
         run.append(loss.item())
-        if log_every and (i + 1) % log_every == 0:
-            print(f"step {i + 1}/{steps} loss {np.mean(run[-log_every:]):.4f} {time.time() - t0:.0f}s", flush=True)
+        shown = log_every and (i + 1) % log_every == 0
+        progress.update(1, f"loss {np.mean(run[-log_every:]):.4f}" if shown else None)
+    progress.close()
     ema.eval()
     meta = {
         "arch": UNET_ARCH,
@@ -130,6 +139,7 @@ def train_classifier(out_dir, steps: int = 3000, batch: int = 128, seed: int = 0
                      weight_decay: float = 1e-2) -> dict:
     """Train the digits classifier (FID feature extractor) on the train split; save it to
     ``out_dir/digits_classifier.safetensors`` (+ ``.json`` with the held-out accuracy)."""
+    _check_steps(steps)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -139,13 +149,16 @@ def train_classifier(out_dir, steps: int = 3000, batch: int = 128, seed: int = 0
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, 100))
     t0 = time.time()
-    for _ in range(steps):
+    progress = Progress(steps, "train classifier", "steps")
+    for i in range(steps):
         idx = torch.randint(len(x_tr), (batch,), generator=g)
         loss = F.cross_entropy(net(x_tr[idx]), y_tr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        progress.update(1, f"loss {loss.item():.4f}" if (i + 1) % 100 == 0 else None)
+    progress.close()
     net.eval()
     with torch.no_grad():
         net.feat_scale.fill_(net.embed(x_tr).pow(2).mean().sqrt().item())
@@ -166,16 +179,26 @@ def train_classifier(out_dir, steps: int = 3000, batch: int = 128, seed: int = 0
     return meta
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m s3_ray.models.train", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["diffusion", "classifier"])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--batch", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     fn = train_diffusion if a.what == "diffusion" else train_classifier
-    kw = {"batch": a.batch, "seed": a.seed} | ({"steps": a.steps} if a.steps else {})
+    kw = {"batch": a.batch, "seed": a.seed} | ({"steps": a.steps} if a.steps is not None else {})
     meta = fn(a.out, **kw)
     keys = ("final_losses", "n_params") if a.what == "diffusion" else ("heldout_accuracy", "n_params")
     print({k: meta[k] for k in keys})

@@ -1,0 +1,105 @@
+"""The search's progress: a Ray Tune callback that drives a ``Progress`` (trials done of the budget,
+stage, best score per NFE, trials per minute, ETA), and ``gather`` for the final re-evaluation."""
+
+from __future__ import annotations
+
+from ray.tune import Callback
+
+from s3_ray.progress import Progress
+
+
+class SearchProgress(Callback):
+    """Shows the search's progress on stderr. Only the arguments are pickled into ``tuner.pkl``; after
+    ``--resume`` the count starts from the trials Tune restored as finished."""
+
+    def __init__(self, budget: int, metric: str = "score", stages: int | None = None):
+        super().__init__()
+        self.budget, self.metric, self.stages = budget, metric, stages
+        self._reset()
+
+    def _reset(self):
+        self.progress: Progress | None = None
+        self.done: set[str] = set()
+        self.best: dict[int, float] = {}
+        self.stage = -1
+
+    def __getstate__(self):
+        return {"budget": self.budget, "metric": self.metric, "stages": self.stages}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    # ---- what is shown ---------------------------------------------------------------------------
+    def status(self) -> str:
+        if self.stage < 0:
+            stage = "seed phase"
+        elif self.stages:  # S3's stages; the other algorithms have one phase after the seeds
+            stage = f"stage {self.stage + 1}/{self.stages}"
+        else:
+            stage = "searching"
+        best = ", ".join(f"NFE {k}: {v:.3f}" for k, v in sorted(self.best.items())) or "-"
+        return f"{stage} | best {self.metric} {best}"
+
+    def _count(self, trial) -> None:
+        self.done.add(trial.trial_id)
+        config, result = trial.config or {}, trial.last_result or {}
+        self.stage = max(self.stage, int(config.get("stage", -1)))
+        score, nfe = result.get("score"), config.get("nfe")
+        if score is not None and nfe is not None and not result.get("failed"):
+            self.best[nfe] = min(score, self.best.get(nfe, score))
+
+    def _start(self, trials) -> Progress:
+        """The Progress, made at the first event, counting the trials a restored run had finished."""
+        if self.progress is None:
+            for t in trials:
+                if t.status == "TERMINATED":
+                    self._count(t)
+            self.progress = Progress(self.budget, "search", "trials", initial=len(self.done), status=self.status(),
+                                     per="min")
+        return self.progress
+
+    # ---- Tune's events ---------------------------------------------------------------------------
+    def on_step_end(self, iteration, trials, **info):
+        self._start(trials).tick()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        p = self._start(trials)
+        stage = int((trial.config or {}).get("stage", -1))
+        if stage > self.stage:
+            self.stage = stage
+            p.update(0, self.status())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trials, trial)
+
+    def _finish(self, trials, trial):
+        p = self._start(trials)
+        if trial.trial_id not in self.done:
+            self._count(trial)
+            p.update(1, self.status())
+            if p.n >= self.budget:  # done now, before Tune's closing log lines
+                p.close()
+
+    def on_experiment_end(self, trials, **info):
+        if self.progress is not None:
+            self.progress.close()
+
+
+def gather(refs: list[list], desc: str = "final re-evaluation") -> list[list]:
+    """``ray.get`` over a list of lists of object refs, in their order, with a progress display
+    that advances as each result arrives."""
+    import ray
+
+    pending = [r for rs in refs for r in rs]
+    with Progress(len(pending), desc, "evaluations", per="min") as p:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if done:
+                p.update(len(done))
+            else:
+                p.tick()
+    return [ray.get(rs) for rs in refs]

@@ -1,0 +1,180 @@
+"""Progress: a live bar on a terminal, plain lines at a bounded rate elsewhere; the search's callback
+(budget, stage, best score per NFE, resume); one real search under a pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import pickle
+import pty
+import re
+import select
+import struct
+import subprocess
+import termios
+import time
+from types import SimpleNamespace
+
+import pytest
+import tqdm.std
+
+from s3_ray import progress as progress_mod
+from s3_ray.progress import Progress
+from s3_ray.search.progress import SearchProgress
+from tests.search_helpers import search_cmd, search_env, stop_test_ray, write_space
+
+CONTROL = re.compile(r"[\r\x1b]")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(progress_mod, "monotonic", c)
+    monkeypatch.setattr(tqdm.std, "time", c)  # tqdm's own clock (it redraws at most every 0.1 s)
+    return c
+
+
+def test_plain_lines_have_no_control_codes_and_a_bounded_rate(clock):
+    out = io.StringIO()
+    p = Progress(200, "search", "trials", per="min", stream=out, interval=1.0)
+    for i in range(200):  # 12.5 s of updates, one every 62.5 ms
+        clock.now += 0.0625
+        p.update(1, f"best fid NFE 4: {5 - i / 100:.3f}")
+        p.tick()
+    p.close()
+    text = out.getvalue()
+    assert not CONTROL.search(text), repr(text[:300])
+    lines = text.splitlines()
+    assert 10 <= len(lines) <= 1 + 12 + 1, lines  # the start, at most one a second, the end
+    assert lines[0].startswith("search: 0/200 trials (0%)")
+    assert lines[-1].startswith("search: 200/200 trials (100%) | 960.0 trials/min | 00:12 elapsed, ETA -")
+    assert lines[-1].endswith("best fid NFE 4: 3.010")
+    assert re.search(r"ETA 00:0\d", lines[len(lines) // 2])  # a real estimate mid-way
+
+
+def test_plain_lines_keep_coming_while_nothing_finishes(clock):
+    out = io.StringIO()
+    p = Progress(5, "final re-evaluation", "evaluations", stream=out, interval=10.0)
+    for _ in range(60):  # a minute of waiting, ticked every second
+        clock.now += 1.0
+        p.tick()
+    assert len(out.getvalue().splitlines()) == 1 + 6
+    assert "00:30 elapsed, ETA ?" in out.getvalue()
+
+
+def test_live_bar_redraws_in_place_on_a_terminal(clock):
+    out = FakeTTY()
+    p = Progress(50, "search", "trials", per="min", stream=out)
+    for i in range(50):
+        clock.now += 1.0
+        p.update(1, f"best fid NFE 4: {2 - i / 100:.3f}")
+    p.close()
+    text = out.getvalue()
+    assert text.count("\rsearch:") >= 10, repr(text[:300])  # redrawn in place, not new lines
+    assert text.count("\n") == 1 and text.endswith("\n")  # the final bar stays on screen
+    final = text.rsplit("\r", 1)[-1]
+    assert "100%|" in final and "50/50 trials" in final and "best fid NFE 4: 1.510" in final
+
+
+def _trial(i, status="TERMINATED", stage=-1, nfe=4, score=None, failed=False):
+    return SimpleNamespace(trial_id=f"t{i}", status=status, config={"stage": stage, "nfe": nfe},
+                           last_result={} if score is None else {"score": score, "failed": failed})
+
+
+def test_search_callback_counts_restored_trials_and_tracks_the_best_per_nfe(capsys):
+    restored = [_trial(0, score=3.0), _trial(1, score=2.5, nfe=6), _trial(2, score=1.0, failed=True),
+                _trial(3, status="PENDING")]
+    cb = pickle.loads(pickle.dumps(SearchProgress(budget=10, metric="fid", stages=2)))  # as after --resume
+    cb.on_step_end(0, restored)
+    assert cb.progress.n == cb.progress.initial == 3
+    new = _trial(3, stage=0, score=2.0)
+    cb.on_trial_start(1, restored, new)
+    cb.on_trial_complete(2, restored, new)
+    cb.on_trial_complete(3, restored, new)  # counted once
+    cb.on_trial_error(4, restored, _trial(4, stage=1, nfe=6))
+    cb.on_experiment_end(restored)
+    pickle.dumps(cb)  # Tune may pickle it again: the display is not part of its state
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("search: 3/10 trials (30%)")
+    assert lines[0].endswith("seed phase | best fid NFE 4: 3.000, NFE 6: 2.500")  # the failed 1.0 is not a best
+    assert lines[-1].startswith("search: 5/10 trials (50%)")
+    assert lines[-1].endswith("stage 2/2 | best fid NFE 4: 2.000, NFE 6: 2.500")
+
+
+def test_search_callback_finishes_its_line_when_the_budget_is_done(capsys):
+    cb = SearchProgress(budget=2, metric="rmse")
+    trials = [_trial(0, score=0.5), _trial(1, score=0.25)]
+    cb.on_step_end(0, [])
+    for t in trials:
+        cb.on_trial_complete(1, trials, t)
+    assert cb.progress.closed
+    cb.on_step_end(2, trials)  # Tune goes on a little: nothing more is shown
+    cb.on_experiment_end(trials)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("search: 2/2 trials (100%)") and lines[-1].endswith("best rmse NFE 4: 0.250")
+    assert sum(line.startswith("search: 2/2") for line in lines) == 1
+
+
+# ---- a real search under a pseudo-terminal ----------------------------------------------------------
+
+def _run_in_pty(cmd, env, cwd, timeout: float) -> tuple[int, str]:
+    """Run ``cmd`` with stdin/stdout/stderr on a 160x40 pseudo-terminal; (exit status, what it showed)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True)
+    os.close(slave)
+    chunks, end = [], time.time() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break  # Ray's processes may still hold the terminal; the driver is done
+            if time.time() > end:
+                proc.kill()
+                break
+        rc = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_search_on_a_terminal_shows_a_live_bar_with_the_budget_and_the_best_score(tmp_path):
+    space = write_space(tmp_path, budget=6, final_top_k=1,
+                        metric={"kind": "fid", "reference": "data", "samples": [200], "final_samples": 200,
+                                "final_seeds": 1})
+    env = {**search_env(tmp_path), "TERM": "xterm"}
+    try:
+        rc, shown = _run_in_pty(search_cmd(space, tmp_path / "runs"), env, tmp_path, timeout=400)
+    finally:
+        stop_test_ray(tmp_path)
+    (tmp_path / "terminal.txt").write_text(shown)
+    assert rc == 0, shown[-3000:]
+    # A redraw is a carriage return not followed by a newline (the terminal turns "\n" into "\r\n").
+    bars = re.findall(r"\r(?!\n)(search:[^\r\n]*)", shown)
+    assert len(bars) >= 3, shown[-3000:]  # drawn, then redrawn in place as trials finish
+    assert re.search(r"100%\|.*\| 6/6 trials \|", bars[-1]), bars[-1]
+    assert re.search(r"best fid NFE 4: \d+\.\d{3}$", bars[-1]), bars[-1]  # nothing else on that line
+    final = re.findall(r"\r(?!\n)(final re-evaluation:[^\r\n]*)", shown)
+    assert final and "4/4 evaluations" in final[-1], shown[-3000:]
+    assert "| NFE | S3 FID |" in shown  # the table still comes after the bars
