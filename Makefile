@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test search bench lint clean mlflow
+.PHONY: setup test search bench lint clean mlflow browser
 
 # Idempotent: re-installs only when pyproject.toml changes.
 setup: $(STAMP)
@@ -27,9 +27,17 @@ search: setup
 mlflow: setup
 	$(BIN)/s3 mlflow-server --host 127.0.0.1 --port 5000 --runs runs
 
-# Every benchmark runs; the target fails at the end if any of them reported a missed requirement.
+# Every benchmark runs; the target fails at the end if any of them failed or reported a missed target
+# (scaling.py and search_efficiency.py exit 1 then; the README lists the targets missed today).
 bench: setup
-	rc=0; for b in benchmarks/*.py; do OMP_NUM_THREADS=1 $(BIN)/python $$b || rc=1; done; exit $$rc
+	rc=0; for b in benchmarks/*.py; do OMP_NUM_THREADS=1 $(BIN)/python $$b || \
+	  { echo "make bench: $$b failed or missed a target" >&2; rc=1; }; done; exit $$rc
+
+# Chromium and its WebDriver for tests/test_browser.py (Debian's packages, as root; CI machines start
+# without them). Does nothing where both are installed.
+browser:
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 lint: setup
 	$(BIN)/ruff check s3_ray tests benchmarks

@@ -30,22 +30,29 @@ class SearchError(RuntimeError):
 
 
 def prepare_ray_env(run_dir: Path, local: bool) -> None:
-    """Environment for Ray: a short per-run temp dir, no usage stats, loopback-only when local."""
+    """Environment for Ray: a short per-run temp dir, no usage stats, loopback-only when local.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is first imported: the variable
+    reaches the processes Ray starts, and for this process (which may have imported ``ray`` already)
+    the constant it was read into is set too. Measured: with only the variable set after ``import
+    ray``, the node advertised the outward address and GCS, raylets and workers listened on ``*``."""
     short = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
     os.environ.setdefault("RAY_TMPDIR", f"/tmp/s3r-{short}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every port on 127.0.0.1 (measured)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if "ray._private.ray_constants" in sys.modules:
+            sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
 
 def init_ray(address: str | None, run_dir: Path):
     """Connect to ``address`` (or $RAY_ADDRESS, set inside a Ray job), else start a local Ray."""
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     prepare_ray_env(run_dir, local=address is None)
+    import ray
+
     if ray.is_initialized():
         return
     if address:
@@ -62,47 +69,114 @@ def _trial_records(results) -> list[tuple[str, dict, dict]]:
 
 def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str | None = None, algo: str = "s3",
                resume: bool = False, fresh: bool = False, runs_root: str | Path = "runs", out=sys.stdout) -> dict:
-    """Run (or resume) a search; returns the summary dict."""
+    """Run (or resume) a search; returns the summary dict.
+
+    Everything that can be checked is checked before anything is started or changed (the space's
+    files, the tracking server, Ray's resources); only then does ``fresh`` delete the old run. A
+    search that fails after its MLflow parent run exists marks that run FAILED with the reason."""
+    from s3_ray.search.preflight import check_files, check_resources, run_dir_for
+    from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, read_tracking, write_tracking
+
+    try:
+        run_dir = run_dir_for(runs_root, cfg.name)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    tune_dir = run_dir / TUNE_NAME
+    if resume:
+        if not _can_restore(tune_dir):
+            raise SearchError(f"nothing to resume in {tune_dir}: start it with `s3 search --space ...` (without --resume)")
+        cfg = SearchConfig.model_validate_json((run_dir / "config.json").read_text())
+    elif tune_dir.exists() and not fresh:
+        raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
+    try:
+        check_files(cfg)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    tracking = read_tracking(run_dir / TRACKING_FILE) if resume else {}
+    local_store = f"sqlite:///{run_dir / 'mlflow.db'}"
+    if mlflow_uri:
+        uri, artifacts = mlflow_uri, None
+    elif tracking.get("uri"):
+        uri, artifacts = tracking["uri"], tracking.get("artifact_root")
+    else:
+        uri, artifacts = local_store, (run_dir / "mlartifacts").as_uri()
+    # A tracking server must answer before anything starts; the run's own store is made below.
+    tracker = None if uri == local_store else _tracker(uri, cfg.name, artifacts)
+
+    init_ray(address, run_dir)
+    import ray
+
+    try:
+        warning = check_resources(cfg, ray.nodes(), local=not (address or os.environ.get("RAY_ADDRESS")))
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    if warning:
+        print(f"warning: {warning}", file=out)
+    if fresh and run_dir.exists():  # every check passed: only now is the old run deleted
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+    tracker = tracker or _tracker(uri, cfg.name, artifacts)
+    parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo,
+                                     resume_id=tracking.get("parent_run_id") if tracking.get("uri") == uri else None)
+    write_tracking(run_dir / TRACKING_FILE, uri, cfg.name, artifacts, parent_id)
+    try:
+        return _search(cfg, run_dir, tracker, parent_id, algo=algo, resume=resume, out=out,
+                       browse=_browse(uri, local_store, tracker.experiment_id))
+    except Exception as e:
+        tracker.fail_parent(parent_id, first_line(e))
+        raise
+
+
+def _browse(uri: str, local_store: str, experiment_id: str) -> str:
+    """How to see the trials: the MLflow UI's URL (and, for the run's own store, the command that serves it)."""
+    from s3_ray.tracking.mlflow_tracking import ui_url
+
+    if uri == local_store:
+        return f"mlflow ui --backend-store-uri {uri}\n  then open {ui_url('http://127.0.0.1:5000', experiment_id)}"
+    return ui_url(uri, experiment_id)
+
+
+def _can_restore(tune_dir: Path) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(tune_dir))
+
+
+def _tracker(uri: str, name: str, artifacts: str | None):
+    """The search's MLflow Tracker; SearchError (what to run next) if the store cannot be reached."""
+    from s3_ray.tracking.mlflow_tracking import Tracker
+
+    try:
+        return Tracker(uri, name, artifacts)
+    except Exception as e:
+        raise SearchError(f"cannot reach MLflow at {uri} ({first_line(e)}): start it (`s3 mlflow-server`, "
+                          f"`make mlflow`) or leave out --mlflow-uri to track in the run directory, then rerun "
+                          f"this command") from e
+
+
+def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: str, resume: bool, out,
+            browse: str) -> dict:
+    """Tune's fit, the final re-evaluation and the summary (the run directory and tracking are set up)."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
     from s3_ray.search.actor_cache import keep_idle_trial_actors
     from s3_ray.search.searcher import S3Searcher
     from s3_ray.search.trial import trainable
-    from s3_ray.tracking.mlflow_tracking import MlflowTrialCallback, Tracker
+    from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, MlflowTrialCallback
 
-    run_dir = (Path(runs_root) / cfg.name).resolve()
     tune_dir = run_dir / TUNE_NAME
-    if resume:
-        if not tune.Tuner.can_restore(str(tune_dir)):
-            raise SearchError(f"nothing to resume in {tune_dir}: start it with `s3 search --space ...` (without --resume)")
-        cfg = SearchConfig.model_validate_json((run_dir / "config.json").read_text())
-    elif tune_dir.exists():
-        if not fresh:
-            raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-
-    uri = mlflow_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
-    artifacts = None if mlflow_uri else (run_dir / "mlartifacts").as_uri()
-    try:
-        tracker = Tracker(uri, cfg.name, artifacts)
-        parent_id = tracker.start_parent(cfg.model_dump(mode="json"), algo)
-    except Exception as e:
-        if not mlflow_uri:
-            raise
-        raise SearchError(f"cannot reach MLflow at {uri} ({first_line(e)}): start it (`s3 mlflow-server`, "
-                          f"`make mlflow`) or leave out --mlflow-uri to track in the run directory, then rerun "
-                          f"this command") from e
-
-    init_ray(address, run_dir)
     # Snapshot Tune's experiment state every second (default: >= 10 s), so a killed driver re-runs
     # at most the trials of the last second (answered from the result cache, logged once).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # Of Tune's default per-trial loggers (CSV, JSON, TensorBoard), which write in the driver's loop,
     # keep only JSON (Tune's ResultGrid reads it); TensorBoard alone cost ~10 ms per trial (py-spy).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's newer console output prints a banner even at verbose=0, with num_samples=-1 shown as
+    # "Number of trials 9223372036854775807"; its classic reporter at verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = time.time()
     resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
     fn = tune.with_resources(trainable, resources)
@@ -117,7 +191,8 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(run_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=2),
-                                      callbacks=[MlflowTrialCallback(uri, cfg.name, artifacts), JsonLoggerCallback()]),
+                                      callbacks=[MlflowTrialCallback(str(run_dir / TRACKING_FILE)),
+                                                 JsonLoggerCallback(), _search_progress(cfg, algo)]),
         )
     keep_idle_trial_actors(cfg.concurrency)  # else one actor is left after the first stage boundary
     results = tuner.fit()
@@ -133,8 +208,15 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
             print(f"MLflow is back: {added} trial(s) synced", file=out)
     summary["search_seconds"] = time.time() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nbrowse: mlflow ui --backend-store-uri {uri}" if not mlflow_uri else f"\nbrowse: {mlflow_uri}", file=out)
+    print(f"\nbrowse: {browse}", file=out)
     return summary
+
+
+def _search_progress(cfg: SearchConfig, algo: str):
+    """The search's progress display (stderr): trials of the budget, stage, best score per NFE, ETA."""
+    from s3_ray.search.progress import SearchProgress
+
+    return SearchProgress(cfg.budget, cfg.metric.kind, stages=cfg.stages if algo == "s3" else None)
 
 
 def _searcher_taus(tune_dir: Path) -> list[dict]:
@@ -202,7 +284,9 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_final_eval_task)
     mj, xj = cfg.model.model_dump_json(), cfg.metric.model_dump_json()
     refs = [[task.remote(sj, mj, xj, cfg.metric.final_samples, seed) for seed in seeds] for *_, sj in candidates]
-    scores = [sum(r["score"] for r in ray.get(rs)) / len(rs) for rs in refs]
+    from s3_ray.search.progress import gather
+
+    scores = [sum(r["score"] for r in rs) / len(rs) for rs in gather(refs)]
 
     rows, best_dir = [], run_dir / "best"
     best_dir.mkdir(exist_ok=True)
@@ -227,8 +311,20 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)
     print(md, file=out)
+    _write_report(run_dir, summary, records, out)
     _log_parent(tracker, parent_id, summary, run_dir, out)
     return summary
+
+
+def _write_report(run_dir: Path, summary: dict, records, out) -> None:
+    """``report.html`` and its plots; a failure is a warning (the search's results are already saved)."""
+    from s3_ray.tracking.report import write_report
+
+    try:
+        path = write_report(run_dir, summary, records)
+        print(f"report: {path} (`s3 report {run_dir} --open` opens it)", file=out)
+    except Exception as e:
+        print(f"warning: writing the report failed ({first_line(e)}); `s3 report {run_dir}` tries again", file=out)
 
 
 def _sample_grids(cfg: SearchConfig, best_dir: Path, grid_dir: Path, n: int = 64):
@@ -270,7 +366,7 @@ def summary_markdown(summary: dict) -> str:
 def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
     from mlflow.entities import Metric
 
-    from s3_ray.tracking.plots import fid_vs_nfe_plot, schedule_diagram
+    from s3_ray.tracking.report import COMPARE_DIR, PLOTS, REPORT, REPORT_DATA
 
     try:
         metrics = []
@@ -282,14 +378,16 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
         metrics += [Metric(key, t[key], 0, t["stage"]) for t in summary.get("predictor_tau", [])
                     for key in ("kendall_tau", "proposal_tau") if t.get(key) is not None and t[key] == t[key]]
         tracker.client.log_batch(parent_id, metrics=metrics)
-        fid_vs_nfe_plot(summary, run_dir / "score_vs_nfe.png")
-        schedule_diagram(sorted((run_dir / "best").glob("nfe*.json")), run_dir / "schedules.png")
-        for p in ["summary.md", "score_vs_nfe.png", "schedules.png"]:
-            tracker.client.log_artifact(parent_id, str(run_dir / p))
+        best = {int(f.stem[3:]): SolverSchedule.from_json(f.read_text()).schedule_hash()
+                for f in (run_dir / "best").glob("nfe*.json")}
+        tracker.describe_parent(parent_id, summary_markdown(summary), best)
+        for p in ["summary.md", *PLOTS, REPORT, REPORT_DATA]:
+            if (run_dir / p).exists():  # the plots and the report are missing only if the report failed
+                tracker.client.log_artifact(parent_id, str(run_dir / p))
         tracker.client.log_artifacts(parent_id, str(run_dir / "best"), "best")
-        grids = run_dir / "grids"
-        if grids.exists():
-            tracker.client.log_artifacts(parent_id, str(grids), "grids")
+        for d in ["grids", COMPARE_DIR]:
+            if (run_dir / d).exists():
+                tracker.client.log_artifacts(parent_id, str(run_dir / d), d)
         tracker.client.set_terminated(parent_id, "FINISHED")
     except Exception as e:
         print(f"warning: logging the summary to MLflow failed ({first_line(e)}); files are in {run_dir}; rerun the "

@@ -29,7 +29,15 @@ SEARCH_TAG = "s3.search"
 TRIAL_TAG = "s3.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "s3.kind"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # training runs, not GenAI traces
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+# MLflow 3.17.2's UI ignores the experiment's kind: it opens an experiment on the view its GenAI / Model
+# training switch holds (kept in the browser, GenAI's overview at first; measured in Chromium). The URL a
+# search prints (``ui_url``) asks for the training-runs view and this shared view of the trials (the UI's
+# "Share" feature: an experiment tag ``mlflow.sharedViewState.<key>`` holding the view as JSON).
+TRIALS_VIEW = "s3-trials"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch request
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag's value
 TRIAL_METRICS = ("score", "fid", "kid", "kid_std", "rmse", "seconds", "failed")
 
 # The MLflow client retries an HTTP request 7 times with exponential backoff and waits up to 120 s per
@@ -46,6 +54,27 @@ def set_client_env() -> None:
     """Defaults for this process's MLflow client: bounded HTTP retries (``HTTP_LIMITS``), no telemetry."""
     for k, v in {**HTTP_LIMITS, **NO_TELEMETRY}.items():
         os.environ.setdefault(k, v)
+
+
+TRACKING_FILE = "tracking.json"  # in the run directory: where this search logs, and its parent run
+
+
+def read_tracking(path) -> dict:
+    """A run's tracking record (``write_tracking``); {} if there is none or it is unreadable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_tracking(path, uri: str, experiment: str, artifact_root: str | None, parent_id: str) -> None:
+    """Record the search's store, experiment, artifact root and parent run (read by ``--resume`` and
+    by the trial callback, so a resumed search logs into its own parent run)."""
+    data = {"uri": uri, "experiment": experiment, "artifact_root": artifact_root, "parent_run_id": parent_id}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def server_reachable(uri: str, timeout: float = 2.0) -> bool:
@@ -79,6 +108,28 @@ def schedule_params(s: SolverSchedule) -> dict[str, str]:
     return out
 
 
+def trials_view(metric: str) -> dict:
+    """The runs table of a search: best first by ``metric`` (sorted by a metric, MLflow lists child runs
+    flat, not folded under the parent) with the metric, NFE, stage and source as columns."""
+    return {"searchFilter": "", "orderByKey": f"metrics.`{metric}`", "orderByAsc": True, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": [f"metrics.`{metric}`", "metrics.`nfe`", "metrics.`stage`", "params.`source`"]}
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The search's trials in MLflow's UI at ``base`` (e.g. http://127.0.0.1:5000)."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={TRIALS_VIEW}")
+
+
+def trial_run_name(trial_id: str, config: dict, result: dict) -> str:
+    """A child run's name: NFE, source and score, e.g. ``nfe5-predictor-fid0.0834-00012-ab12cd34ef``."""
+    metric = "fid" if "fid" in result else "rmse" if "rmse" in result else "score"
+    score = result.get("score")
+    said = "failed" if result.get("failed") or not isinstance(score, (int, float)) else f"{metric}{score:.3g}"
+    return f"nfe{config['nfe']}-{config['source']}-{said}-{trial_id}"
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` for one search (experiment = search name)."""
 
@@ -93,18 +144,29 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(search_name, artifact_location=artifact_root)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self._logged: set[str] | None = None
         self._partial: dict[str, str] = {}  # trial id -> run id of a child run left unfinished
         self.parent_id: str | None = None
 
     # ---- parent -----------------------------------------------------------------------------------
-    def start_parent(self, config: dict, algo: str) -> str:
-        """The search's parent run: found again on resume (by tag), else created."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{self.search_name}' "
-                                       f"and tags.`{KIND_TAG}` = 'search'", max_results=1)
-        if runs:
-            self.parent_id = runs[0].info.run_id
-            return self.parent_id
+    def start_parent(self, config: dict, algo: str, resume_id: str | None = None) -> str:
+        """The search's parent run: ``resume_id`` (the run a resumed search started) if this store
+        holds it, else a new one. A new search never reuses another search's parent, even of the same
+        name: its child runs would be taken for duplicates and dropped."""
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{TRIALS_VIEW}",
+                                       json.dumps(trials_view(config["metric"]["kind"])))
+        if resume_id:
+            try:
+                run = self.client.get_run(resume_id)
+            except Exception:  # noqa: BLE001 (not in this store: start a new parent)
+                run = None
+            if run is not None and run.data.tags.get(KIND_TAG) == "search" and run.info.experiment_id == self.experiment_id:
+                if run.info.status != "RUNNING":
+                    self.client.update_run(resume_id, status="RUNNING")
+                self.parent_id = resume_id
+                return resume_id
         run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{algo}",
                                      tags={SEARCH_TAG: self.search_name, KIND_TAG: "search", "s3.algo": algo})
         self.parent_id = run.info.run_id
@@ -116,6 +178,33 @@ class Tracker:
         self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in flat.items()])
         self.client.log_text(self.parent_id, json.dumps(config, indent=1), "config.json")
         return self.parent_id
+
+    def fail_parent(self, parent_id: str, reason: str) -> None:
+        """Mark the parent run FAILED with ``reason`` (tag ``s3.error``); best effort (the store may be down)."""
+        try:
+            self.client.set_tag(parent_id, "s3.error", reason[:5000])
+            self.client.set_terminated(parent_id, "FAILED")
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not mark the parent run %s FAILED: %s", parent_id, first_line(e))
+
+    def describe_parent(self, parent_id: str, summary_md: str, best_hashes: dict[int, str]) -> None:
+        """The parent run's description (the summary table, Markdown) and, per NFE, tag ``best_nfe<k>_run``:
+        the child run of the exported schedule, when that schedule was a trial (its best-scored run)."""
+        from mlflow.entities import RunTag
+
+        run_of: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                           order_by=["metrics.score ASC"], max_results=1000, page_token=token)
+            for r in page:
+                run_of.setdefault(r.data.tags.get("s3.schedule_hash"), r.info.run_id)
+            token = page.token
+            if not token:
+                break
+        tags = [RunTag(NOTE_TAG, summary_md[:MAX_TAG_CHARS])]
+        tags += [RunTag(f"best_nfe{nfe}_run", run_of[h]) for nfe, h in sorted(best_hashes.items()) if h in run_of]
+        self.client.log_batch(parent_id, tags=tags)
 
     # ---- children ---------------------------------------------------------------------------------
     def logged_trial_ids(self) -> set[str]:
@@ -160,12 +249,13 @@ class Tracker:
                 "s3.source": config["source"], "ray.trial_id": str(result.get("trial_id", ""))}
         if result.get("node_id"):
             tags["s3.node_id"] = str(result["node_id"])
-        run = self.client.create_run(self.experiment_id, run_name=f"{config['source']}-nfe{config['nfe']}-{trial_id}", tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=trial_run_name(trial_id, config, result), tags=tags)
         params = {"nfe": str(config["nfe"]), "stage": str(config["stage"]), "source": config["source"],
                   "samples": str(config["samples"]), "seed": str(config["seed"]), **schedule_params(s)}
         items = [Param(k, v) for k, v in params.items()]
         metrics = [Metric(k, float(result[k]), 0, 0) for k in TRIAL_METRICS
                    if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+        metrics += [Metric(k, float(config[k]), 0, 0) for k in ("nfe", "stage")]  # sortable in the UI
         for i in range(0, max(len(items), 1), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH],
                                   metrics=metrics if i == 0 else [])
@@ -194,9 +284,9 @@ class MlflowTrialCallback(Callback):
 
     _STOP = object()
 
-    def __init__(self, tracking_uri: str, search_name: str, artifact_root: str | None = None):
+    def __init__(self, tracking_file: str):
         super().__init__()
-        self.args = (tracking_uri, search_name, artifact_root)
+        self.tracking_file = tracking_file
         self._reset()
 
     def _reset(self):
@@ -207,23 +297,34 @@ class MlflowTrialCallback(Callback):
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
         self._next_try = 0.0
+        self._uri: str | None = None
 
     def __getstate__(self):
-        return {"args": self.args}
+        return {"tracking_file": self.tracking_file}
 
     def __setstate__(self, state):
-        self.args = state["args"]
+        self.tracking_file = state["tracking_file"]
         self._reset()
+
+    @property
+    def uri(self) -> str:
+        if self._uri is None:
+            self._uri = self._tracking()["uri"]
+        return self._uri
+
+    def _tracking(self) -> dict:
+        """The driver's tracking record (read at first use, so a resumed driver's store and parent apply)."""
+        data = read_tracking(self.tracking_file)
+        if not data.get("parent_run_id"):
+            raise RuntimeError(f"no tracking record in {self.tracking_file}")
+        return data
 
     def tracker(self) -> Tracker:
         if self._tracker is None:
-            t = Tracker(*self.args)
-            runs = t.client.search_runs([t.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{t.search_name}' "
-                                        f"and tags.`{KIND_TAG}` = 'search'", max_results=1)
-            if not runs:
-                raise RuntimeError(f"no parent run for search {t.search_name!r}")
-            t.parent_id = runs[0].info.run_id
-            self._tracker = t
+            d = self._tracking()
+            t = Tracker(d["uri"], d["experiment"], d.get("artifact_root"))
+            t.parent_id = d["parent_run_id"]
+            self._uri, self._tracker = d["uri"], t
         return self._tracker
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -267,7 +368,7 @@ class MlflowTrialCallback(Callback):
     def flush(self, probe: bool = False) -> int:
         """Log the pending trials unless the server is known to be down (probed at most every
         RETRY_AFTER_S seconds, or now with ``probe``); returns how many were logged."""
-        uri = self.args[0]
+        uri = self.uri
         now = time.monotonic()
         if self._down_since is not None:
             if now < self._next_try and not probe:

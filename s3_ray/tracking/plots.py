@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def plain_log_axis(ax) -> None:
+    """Log-scale y ticks written as plain numbers (0.9, 1.2), not 9 x 10^-1."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def image_grid(images_u8, path, ncol: int = 16, scale: int = 4) -> Path:
     """Save uint8 images [N, C, H, W] (C = 1 or 3) as one PNG grid, each pixel scaled up."""
     from PIL import Image
@@ -37,20 +46,34 @@ def image_grid(images_u8, path, ncol: int = 16, scale: int = 4) -> Path:
 
 
 def fid_vs_nfe_plot(summary: dict, path) -> Path:
-    """Searched schedule, best baseline (per NFE) and the converged level."""
+    """Searched schedule, every baseline (thin; colour = builder, line style = discretisation), the best
+    baseline per NFE and the converged level."""
     plt = _plt()
     rows = summary["rows"]
     nfe = [r["nfe"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(nfe, [r["best_baseline_score"] for r in rows], "s--", label="best tuned baseline")
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    curves: dict[str, list] = {}
+    for e in summary.get("all", []):
+        if e["kind"] == "baseline" and np.isfinite(e["score"]):
+            curves.setdefault(e["label"], []).append((e["nfe"], e["score"]))
+    builders = sorted({lab.split("/")[0] for lab in curves})
+    styles = ["-", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    discs = sorted({lab.split("/")[-1] for lab in curves})
+    for lab, pts in sorted(curves.items()):
+        builder, disc = lab.split("/")[0], lab.split("/")[-1]
+        ax.plot(*zip(*sorted(pts)), color=plt.cm.tab10(builders.index(builder) % 10), ls=styles[discs.index(disc) % len(styles)],
+                lw=0.9, marker=".", ms=4, alpha=0.7, label=lab)
+    ax.plot(nfe, [r["best_baseline_score"] for r in rows], "s--", color="k", mfc="none", label="best tuned baseline")
     s = [(r["nfe"], r["searched"]) for r in rows if r["searched"] is not None]
     if s:
-        ax.plot(*zip(*s), "o-", label="S3 (searched)")
-    ax.axhline(summary["converged"], color="gray", lw=0.8, label="converged")
+        ax.plot(*zip(*s), "o-", color="tab:red", lw=2.5, label="S3 (searched)")
+    ax.axhline(summary["converged"], color="gray", lw=1.2, ls="--", label="converged")
     ax.set_xlabel("NFE")
     ax.set_ylabel(summary["metric"].upper())
     ax.set_yscale("log")
-    ax.legend()
+    plain_log_axis(ax)
+    ax.set_xticks(nfe)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
