@@ -18,7 +18,7 @@ import pytest
 
 from s3_ray.tracking import server
 
-from .search_helpers import ROOT, ray_tmpdir, search_cmd, search_env, stop_test_ray, write_space
+from .search_helpers import ROOT, ray_tmpdir, search_cmd, search_env, stop_test_ray, tune_trials, write_space
 
 
 def free_port() -> int:
@@ -190,7 +190,7 @@ def _parents_and_children(uri: str, name: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_local_search_is_loopback_only_and_fresh_gets_its_own_parent(tmp_path, monkeypatch):
+def test_local_search_is_loopback_only_and_a_new_search_gets_its_own_parent(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -215,6 +215,7 @@ def test_local_search_is_loopback_only_and_fresh_gets_its_own_parent(tmp_path, m
         first = proc.stdout.read()
         assert proc.returncode == 0, first[-4000:]
         assert "9223372036854775807" not in first and "Number of trials" not in first  # Tune's banner is off
+        assert "View run" not in first  # nor MLflow's per-run URL lines
         names = {n for _, n in seen}
         assert {"gcs_server", "raylet"} <= names and len(seen) >= 4, seen
         wide = {k: sorted(a for a in v if not _loopback(a.rsplit(":", 1)[0])) for k, v in seen.items()}
@@ -223,10 +224,16 @@ def test_local_search_is_loopback_only_and_fresh_gets_its_own_parent(tmp_path, m
             f"  {pid} {name}: {' '.join(sorted(a))}" for (pid, name), a in sorted(seen.items())))
         first_parent = json.loads((runs / "smoke" / "tracking.json").read_text())["parent_run_id"]
 
-        r = subprocess.run(search_cmd(space, runs, "--mlflow-uri", uri, "--fresh"), env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        second_parent = json.loads((runs / "smoke" / "tracking.json").read_text())["parent_run_id"]
+        # A second search of the same name into this server (``--fresh`` there, or a new run root) has
+        # the same deterministic trial keys: it must get a parent run of its own and log every trial.
+        from s3_ray.config import load_config
+        from s3_ray.tracking.mlflow_tracking import Tracker
+
+        records = [(t["config"]["trial_key"], t["config"], t["result"]) for t in tune_trials(runs / "smoke" / "tune")]
+        assert len(records) == budget
+        second = Tracker(uri, "smoke")
+        second_parent = second.start_parent(load_config(space).model_dump(mode="json"), "s3")
+        assert second.sync_trials(records) == budget
         family = _parents_and_children(uri, "smoke")
         assert set(family) == {first_parent, second_parent} and first_parent != second_parent
         for pid in family:  # each search logged every one of its trials, into its own parent run

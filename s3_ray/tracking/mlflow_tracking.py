@@ -50,9 +50,15 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 RETRY_AFTER_S = 5.0  # while the server is down, the callback probes /health at most this often
 
 
+# With a tracking server, MLflow's client prints "View run NAME at: URL" to stdout for every run it
+# ends: one line per trial in the middle of the search's own output.
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
 def set_client_env() -> None:
-    """Defaults for this process's MLflow client: bounded HTTP retries (``HTTP_LIMITS``), no telemetry."""
-    for k, v in {**HTTP_LIMITS, **NO_TELEMETRY}.items():
+    """Defaults for this process's MLflow client: bounded HTTP retries (``HTTP_LIMITS``), no telemetry,
+    no per-run URL lines on stdout (``QUIET``)."""
+    for k, v in {**HTTP_LIMITS, **NO_TELEMETRY, **QUIET}.items():
         os.environ.setdefault(k, v)
 
 
