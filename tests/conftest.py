@@ -7,3 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_search(tmp_path_factory):
+    """One small real search on a pseudo-terminal, shared by the progress and browser tests."""
+    from tests.search_helpers import small_search_in_pty
+
+    return small_search_in_pty(tmp_path_factory.mktemp("small-search"))

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -138,3 +144,59 @@ def wait_for(predicate, timeout: float, interval: float = 1.0):
 
 def run(cmd, env, cwd, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_pty(cmd, env, cwd, timeout: float) -> tuple[int, str]:
+    """Run ``cmd`` with stdin/stdout/stderr on a 160x40 pseudo-terminal; (exit status, what it showed)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True)
+    os.close(slave)
+    chunks, end = [], time.time() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break  # Ray's processes may still hold the terminal; the driver is done
+            if time.time() > end:
+                proc.kill()
+                break
+        rc = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+@dataclass
+class SmallSearch:
+    """A finished small real search: its run directory and what its terminal showed."""
+
+    run_dir: Path
+    returncode: int
+    shown: str
+    budget: int
+    final_evaluations: int
+
+
+def small_search_in_pty(tmp: Path, name: str = "browse") -> SmallSearch:
+    """`s3 search` on a pseudo-terminal (9 trials at NFE 3 and 4, 200 samples; this test's local Ray,
+    stopped afterwards): shared by the progress, report-page and browser tests."""
+    budget, nfe, baselines = 9, [3, 4], ["dpm_solver_pp_2m", "unipc_bh2"]
+    space = write_space(tmp, name=name, nfe=nfe, budget=budget, final_top_k=1, baselines=baselines,
+                        discretizations=["logsnr_uniform"],
+                        metric={"kind": "fid", "reference": "data", "samples": [200], "final_samples": 200,
+                                "final_seeds": 1})
+    env = {**search_env(tmp), "TERM": "xterm"}
+    try:
+        rc, shown = run_in_pty(search_cmd(space, tmp / "runs"), env, tmp, timeout=600)
+    finally:
+        stop_test_ray(tmp)
+    (tmp / "terminal.txt").write_text(shown)
+    # final re-evaluation: the top-1 searched and every baseline per NFE, and the converged solver
+    return SmallSearch(tmp / "runs" / name, rc, shown, budget, len(nfe) * (1 + len(baselines)) + 1)

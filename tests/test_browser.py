@@ -21,8 +21,6 @@ from s3_ray.tracking.report import tune_records
 from s3_ray.tracking.server import server_env, stop_server, wait_healthy
 from s3_ray.usf.schedule import load_schedule
 
-from .search_helpers import search_to_end, write_space
-
 pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -41,15 +39,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    """A small real search (9 trials: 8 seeds and 1 of the predictor; NFE 3 and 4): its run directory and
-    what it printed."""
-    tmp = tmp_path_factory.mktemp("browser")
-    space = write_space(tmp, name=NAME, nfe=[3, 4], budget=9, final_top_k=1,
-                        metric={"kind": "fid", "reference": "data", "samples": [200], "final_samples": 200,
-                                "final_seeds": 1})
-    r = search_to_end(space, tmp)
-    return tmp / "runs" / NAME, r.stdout
+def search(small_search):
+    """The session's small real search (tests/conftest.py: 9 trials at NFE 3 and 4): its run directory
+    and what it printed."""
+    assert small_search.returncode == 0, small_search.shown[-3000:]
+    assert small_search.run_dir.name == NAME
+    return small_search.run_dir, small_search.shown
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
 import pickle
-import pty
 import re
-import select
-import struct
-import subprocess
-import termios
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +14,6 @@ import tqdm.std
 from s3_ray import progress as progress_mod
 from s3_ray.progress import Progress
 from s3_ray.search.progress import SearchProgress
-from tests.search_helpers import search_cmd, search_env, stop_test_ray, write_space
 
 CONTROL = re.compile(r"[\r\x1b]")
 
@@ -131,50 +122,18 @@ def test_search_callback_finishes_its_line_when_the_budget_is_done(capsys):
 
 # ---- a real search under a pseudo-terminal ----------------------------------------------------------
 
-def _run_in_pty(cmd, env, cwd, timeout: float) -> tuple[int, str]:
-    """Run ``cmd`` with stdin/stdout/stderr on a 160x40 pseudo-terminal; (exit status, what it showed)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True)
-    os.close(slave)
-    chunks, end = [], time.time() + timeout
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every process holding the terminal has closed it
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break  # Ray's processes may still hold the terminal; the driver is done
-            if time.time() > end:
-                proc.kill()
-                break
-        rc = proc.wait(timeout=30)
-    finally:
-        os.close(master)
-    return rc, b"".join(chunks).decode("utf-8", "replace")
-
-
 @pytest.mark.slow
-def test_search_on_a_terminal_shows_a_live_bar_with_the_budget_and_the_best_score(tmp_path):
-    space = write_space(tmp_path, budget=6, final_top_k=1,
-                        metric={"kind": "fid", "reference": "data", "samples": [200], "final_samples": 200,
-                                "final_seeds": 1})
-    env = {**search_env(tmp_path), "TERM": "xterm"}
-    try:
-        rc, shown = _run_in_pty(search_cmd(space, tmp_path / "runs"), env, tmp_path, timeout=400)
-    finally:
-        stop_test_ray(tmp_path)
-    (tmp_path / "terminal.txt").write_text(shown)
+def test_search_on_a_terminal_shows_a_live_bar_with_the_budget_and_the_best_score(small_search):
+    """The session's small search (tests/conftest.py) ran on a pseudo-terminal."""
+    rc, shown = small_search.returncode, small_search.shown
     assert rc == 0, shown[-3000:]
     # A redraw is a carriage return not followed by a newline (the terminal turns "\n" into "\r\n").
     bars = re.findall(r"\r(?!\n)(search:[^\r\n]*)", shown)
     assert len(bars) >= 3, shown[-3000:]  # drawn, then redrawn in place as trials finish
-    assert re.search(r"100%\|.*\| 6/6 trials \|", bars[-1]), bars[-1]
-    assert re.search(r"best fid NFE 4: \d+\.\d{3}$", bars[-1]), bars[-1]  # nothing else on that line
+    budget = small_search.budget
+    assert re.search(rf"100%\|.*\| {budget}/{budget} trials \|", bars[-1]), bars[-1]
+    assert re.search(r"best fid NFE 3: \d+\.\d{3}, NFE 4: \d+\.\d{3}$", bars[-1]), bars[-1]  # nothing else after
     final = re.findall(r"\r(?!\n)(final re-evaluation:[^\r\n]*)", shown)
-    assert final and "4/4 evaluations" in final[-1], shown[-3000:]
+    n = small_search.final_evaluations
+    assert final and f"{n}/{n} evaluations" in final[-1], shown[-3000:]
     assert "| NFE | S3 FID |" in shown  # the table still comes after the bars
