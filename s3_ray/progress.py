@@ -51,7 +51,9 @@ class Progress:
         self._bar = None
         self._printed = None  # (n, status) of the last plain line
         if self.live:
-            self._bar = _Bar(total=self.total, initial=self.n, desc=desc, file=self.stream, dynamic_ncols=True,
+            sized = _sized(self.stream)  # else a fixed 80x24: tqdm draws nothing on a 0x0 terminal
+            self._bar = _Bar(total=self.total, initial=self.n, desc=desc, file=self.stream, dynamic_ncols=sized,
+                             ncols=None if sized else 80, nrows=None if sized else 24,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {text}", leave=True, text=self.text())
         else:
             self._line()
@@ -152,6 +154,16 @@ class _Bar(tqdm):
     @property
     def format_dict(self):
         return {**super().format_dict, "text": self.text}
+
+
+def _sized(stream) -> bool:
+    """Does the terminal report its size? A pseudo-terminal nobody sized (e.g. under `script` without
+    a terminal) reports 0x0, and tqdm then draws nothing (it fits its bars into 0 rows)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 def _isatty(stream) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from types import SimpleNamespace
@@ -137,3 +138,23 @@ def test_search_on_a_terminal_shows_a_live_bar_with_the_budget_and_the_best_scor
     n = small_search.final_evaluations
     assert final and f"{n}/{n} evaluations" in final[-1], shown[-3000:]
     assert "| NFE | S3 FID |" in shown  # the table still comes after the bars
+
+
+def test_live_bar_is_drawn_on_a_terminal_that_reports_no_size():
+    """A pseudo-terminal nobody sized reports 0x0 (e.g. `script` run without a terminal); tqdm's own
+    sizing then draws nothing at all, so the bar falls back to 80 columns."""
+    import pty
+
+    master, slave = pty.openpty()  # 0 rows, 0 columns
+    stream = open(slave, "w", closefd=True)  # noqa: SIM115
+    try:
+        assert os.get_terminal_size(slave) == (0, 0) and stream.isatty()
+        p = Progress(4, "search", unit="trials", stream=stream)
+        p.update(status="best fid NFE 4: 1.234")
+        p.close()
+        stream.flush()
+        shown = os.read(master, 65536).decode()
+    finally:
+        stream.close()
+        os.close(master)
+    assert "search:" in shown and "1/4 trials" in shown and "best fid" in shown, repr(shown)  # 80 columns cut the rest
