@@ -161,8 +161,8 @@ def _sized(stream) -> bool:
     a terminal) reports 0x0, and tqdm then draws nothing (it fits its bars into 0 rows)."""
     try:
         size = os.get_terminal_size(stream.fileno())
-    except (AttributeError, ValueError, OSError):
-        return False
+    except (AttributeError, ValueError, OSError):  # no file descriptor: tqdm sizes it as before
+        return True
     return size.columns > 0 and size.lines > 0
 
 
