@@ -18,3 +18,27 @@ def small_search(tmp_path_factory):
     from tests.search_helpers import small_search_in_pty
 
     return small_search_in_pty(tmp_path_factory.mktemp("small-search"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory):
+    """A saved DDPMPipeline folder with random weights (tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import build_ddpm
+
+    return build_ddpm(tmp_path_factory.mktemp("pipelines") / "ddpm")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A saved StableDiffusionPipeline folder with random weights (tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import build_sd
+
+    return build_sd(tmp_path_factory.mktemp("pipelines") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_flow(tmp_path_factory):
+    """A saved DDPMPipeline folder with a FlowMatchEulerDiscreteScheduler (tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import build_flow
+
+    return build_flow(tmp_path_factory.mktemp("pipelines") / "flow")

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from s3_ray.usf.noise import EDM, VPCosine, VPDiscrete, VPLinear, get_noise_schedule
+from s3_ray.usf.noise import EDM, FlowMatch, VPCosine, VPDiscrete, VPLinear, get_noise_schedule
 
-SCHEDULES = [VPLinear(), VPCosine(), EDM(), get_noise_schedule("vp_discrete"),
+SCHEDULES = [VPLinear(), VPCosine(), EDM(), FlowMatch(), get_noise_schedule("vp_discrete"),
              VPDiscrete.from_diffusers_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})]
 
 
@@ -13,7 +13,7 @@ def test_lambda_inverse_roundtrip(ns):
     lam = ns.lambda_(t)
     assert np.all(np.diff(lam) < 0), "lambda must decrease with t"
     np.testing.assert_allclose(ns.inverse_lambda(lam), t, rtol=1e-10, atol=1e-13)
-    if ns.name != "edm":
+    if ns.name not in ("edm", "flow"):  # VP only
         np.testing.assert_allclose(ns.alpha(t) ** 2 + ns.sigma(t) ** 2, 1.0, rtol=1e-13)
     np.testing.assert_allclose(lam, np.log(ns.alpha(t)) - np.log(ns.sigma(t)), rtol=1e-12, atol=1e-12)
 

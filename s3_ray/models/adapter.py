@@ -13,13 +13,49 @@ import torch
 
 from s3_ray.usf.noise import NoiseSchedule
 
-OUTPUTS = ("eps", "x0", "v", "score")
+OUTPUTS = ("eps", "x0", "v", "score", "flow")
+
+# diffusers' ``prediction_type`` -> our output kind.
+DIFFUSERS_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+def to_eps(output: str, out, x, alpha: float, sigma: float):
+    """The noise prediction eps from a network output of kind ``output`` at x = alpha x0 + sigma eps.
+
+    eps: eps; x0: x0; v: alpha eps - sigma x0; score: -eps / sigma; flow: the velocity
+    eps - x0 of flow transformers (any alpha, sigma; alpha + sigma = 1 on the flow path)."""
+    if output == "eps":
+        return out
+    if output == "x0":
+        return (x - alpha * out) / sigma
+    if output == "v":
+        # x = alpha x0 + sigma eps, v = alpha eps - sigma x0  =>  eps = (alpha v + sigma x) / (alpha^2 + sigma^2)
+        return (alpha * out + sigma * x) / (alpha**2 + sigma**2)
+    if output == "score":
+        return -sigma * out
+    if output == "flow":
+        # x = alpha x0 + sigma eps, v = eps - x0  =>  eps = (x + alpha v) / (alpha + sigma)
+        return (x + alpha * out) / (alpha + sigma)
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+def output_for_prediction_type(prediction_type, scheduler_class: str | None = None) -> str:
+    """Our output kind for a diffusers scheduler's ``prediction_type``; FlowMatch* schedulers'
+    models predict the flow velocity whatever the field says (they have no such field)."""
+    if scheduler_class and str(scheduler_class).startswith("FlowMatch"):
+        return "flow"
+    try:
+        return DIFFUSERS_PREDICTION_TYPES[prediction_type]
+    except (KeyError, TypeError):
+        known = ", ".join(DIFFUSERS_PREDICTION_TYPES)
+        raise ValueError(f"scheduler_config.json field 'prediction_type': {prediction_type!r} is not "
+                         f"supported ({known})") from None
 
 
 def time_label_fn(kind, noise: NoiseSchedule) -> Callable[[float], float]:
     """Map t to the network's time input: ``t``, ``scale:K`` (K t, e.g. 999 or 1000), ``discrete``
-    (N t - 1: the training step of a discrete VP model), ``sigma`` (sigma_t / alpha_t, EDM), or a
-    callable."""
+    (the schedule's own ``time_label``: N t - 1, the training step, for discrete VP; N t for flow),
+    ``sigma`` (sigma_t / alpha_t, EDM), or a callable."""
     if callable(kind):
         return kind
     if kind == "t":
@@ -29,7 +65,8 @@ def time_label_fn(kind, noise: NoiseSchedule) -> Callable[[float], float]:
         return lambda t: k * t
     if kind == "discrete":
         if not hasattr(noise, "time_label"):
-            raise ValueError(f"time label 'discrete' needs a discrete VP noise schedule, not {noise.name}")
+            raise ValueError(f"time label 'discrete' needs a noise schedule with its own time labels "
+                             f"(vp_discrete, flow), not {noise.name}")
         return lambda t: float(noise.time_label(t))
     if kind == "sigma":
         return lambda t: float(noise.sigma(t) / noise.alpha(t))
@@ -39,7 +76,7 @@ def time_label_fn(kind, noise: NoiseSchedule) -> Callable[[float], float]:
 class ModelAdapter:
     """eps(x, t) from ``net(x, labels)`` where labels is a [batch] tensor of time labels.
 
-    ``output``: what the network predicts (eps, x0, v, score). ``calls`` counts evaluations."""
+    ``output``: what the network predicts (eps, x0, v, score, flow; see ``to_eps``). ``calls`` counts evaluations."""
 
     def __init__(self, net: Callable, noise: NoiseSchedule, output: str = "eps", time_label="t",
                  data_mean: torch.Tensor | None = None):
@@ -58,10 +95,4 @@ class ModelAdapter:
         out = self.net(x, labels)
         if self.output == "eps":
             return out
-        alpha, sigma = float(self.noise.alpha(t)), float(self.noise.sigma(t))
-        if self.output == "x0":
-            return (x - alpha * out) / sigma
-        if self.output == "v":
-            # v = alpha eps - sigma x0 and x = alpha x0 + sigma eps  =>  eps = (alpha v + sigma x) / (alpha^2 + sigma^2)
-            return (alpha * out + sigma * x) / (alpha**2 + sigma**2)
-        return -sigma * out  # score = -eps / sigma
+        return to_eps(self.output, out, x, float(self.noise.alpha(t)), float(self.noise.sigma(t)))

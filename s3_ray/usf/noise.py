@@ -206,13 +206,64 @@ class EDM(NoiseSchedule):
         return {"name": self.name, "sigma_max": self.sigma_max, "sigma_min": self.sigma_min}
 
 
+@dataclass(repr=False)
+class FlowMatch(NoiseSchedule):
+    """Rectified flow (SD3, Flux): x_t = (1 - t) x_0 + t eps, so alpha = 1 - t, sigma = t,
+    lambda = log((1 - t) / t). Time t is diffusers' flow ``sigma``; its ``shift`` only moves the
+    time grid, so it is not a parameter here.
+
+    lambda is infinite at t = 1, so sampling starts at T = 1 - 1/N (N = num_train_timesteps; 0.999,
+    label 999, the last training step with finite lambda) and ends by default at 1/N (diffusers'
+    sigma_min for shift 1).
+    """
+
+    num_train_timesteps: int = 1000
+    name: str = field(default="flow", init=False)
+
+    def __post_init__(self):
+        n = int(self.num_train_timesteps)
+        if n < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps!r}")
+        self.T = 1.0 - 1.0 / n
+        self.t_end_default = 1.0 / n
+        self.t_min = 0.0
+
+    def log_alpha(self, t):
+        return np.log1p(-_f64(t))
+
+    def alpha(self, t):
+        return 1.0 - _f64(t)
+
+    def sigma(self, t):
+        return _f64(t).copy()
+
+    def lambda_(self, t):
+        t = _f64(t)
+        return np.log1p(-t) - np.log(t)
+
+    def inverse_lambda(self, lam):
+        # t = 1 / (1 + e^lambda) = sigmoid(-lambda), without overflow for large |lambda|.
+        lam = _f64(lam)
+        e = np.exp(-np.abs(lam))
+        return np.where(lam >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+
+    def time_label(self, t):
+        """The flow transformer's time input, N t (diffusers: sigma * num_train_timesteps)."""
+        return self.num_train_timesteps * _f64(t)
+
+    def spec(self) -> dict:
+        if self.num_train_timesteps == 1000:
+            return {"name": self.name}
+        return {"name": self.name, "num_train_timesteps": self.num_train_timesteps}
+
+
 def _table_hash(a) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
-NOISE_SCHEDULES = {"vp_linear": VPLinear, "vp_cosine": VPCosine, "edm": EDM}
+NOISE_SCHEDULES = {"vp_linear": VPLinear, "vp_cosine": VPCosine, "edm": EDM, "flow": FlowMatch}
 
 
 def get_noise_schedule(name: str, **kwargs) -> NoiseSchedule:
@@ -230,3 +281,35 @@ def get_noise_schedule(name: str, **kwargs) -> NoiseSchedule:
         known = ", ".join(sorted([*NOISE_SCHEDULES, "vp_discrete"]))
         raise ValueError(f"unknown noise schedule {name!r} (known: {known})") from None
     return cls(**kwargs)
+
+
+_BETA_SCHEDULES = "linear, scaled_linear, squaredcos_cap_v2, trained_betas"
+
+
+def noise_from_diffusers_config(config) -> NoiseSchedule:
+    """The noise schedule of a diffusers scheduler config (dict or FrozenDict, as in
+    scheduler_config.json): FlowMatch for ``FlowMatch*`` schedulers (or a config with ``shift`` and
+    no betas), VPDiscrete from the beta table otherwise. Grid options (shift, dynamic shifting,
+    karras sigmas, timestep spacing, ...) do not change the noise schedule and are ignored."""
+    cfg = dict(config)
+    cls_name = str(cfg.get("_class_name") or "")
+    has_betas = any(k in cfg for k in ("beta_schedule", "beta_start", "beta_end", "trained_betas"))
+    n = cfg.get("num_train_timesteps", 1000)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"scheduler_config.json field 'num_train_timesteps': {n!r} is not an integer >= 2")
+    if cls_name.startswith("FlowMatch") or ("shift" in cfg and not has_betas):
+        if cfg.get("invert_sigmas"):
+            raise ValueError("scheduler_config.json field 'invert_sigmas': true (Mochi's reversed flow "
+                             "time) is not supported")
+        return FlowMatch(num_train_timesteps=n)
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("scheduler_config.json field 'rescale_betas_zero_snr': true is not supported "
+                         "(alphas_cumprod reaches 0 at the last step, so lambda = -inf at T)")
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is None and kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise ValueError(f"scheduler_config.json field 'beta_schedule': {kind!r} is not supported ({_BETA_SCHEDULES})")
+    try:
+        return VPDiscrete.from_diffusers_config(cfg)
+    except ValueError as e:
+        field_name = "trained_betas" if cfg.get("trained_betas") is not None else "beta_schedule"
+        raise ValueError(f"scheduler_config.json field {field_name!r}: {e}") from None
