@@ -153,7 +153,11 @@ def _update(pred: str, order: int, derivs: tuple[Derivative, ...], combine: str,
 
 
 class SamplerPlan:
-    """A schedule compiled against a noise schedule: per-step coefficients, ready to run."""
+    """A schedule compiled against a noise schedule: per-step coefficients, ready to run.
+
+    ``eval_entries`` gives, for each model call in order, its history entry (index into ``times``):
+    0 for the call at t_start (absent with AFS), i + 1 after step i, twice for an implicit
+    corrector; ``len(eval_entries) == nfe()``."""
 
     def __init__(self, schedule: SolverSchedule, noise: NoiseSchedule):
         if schedule.noise_schedule != noise.name:
@@ -200,46 +204,31 @@ class SamplerPlan:
             for i, ps in enumerate(steps))
         updates = [u for ps in steps for u in (ps.predictor, ps.corrector) if u is not None]
         self.needs_x0 = any(u.use_x0 for u in updates)
+        # The history entry (index into ``times``) of each model call, in call order.
+        calls = [0] if schedule.afs == "none" else []
+        for i, ps in enumerate(self.steps):
+            if ps.evaluate:
+                calls += [i + 1] * (2 if ps.implicit else 1)
+        self.eval_entries: tuple[int, ...] = tuple(calls)
 
     def nfe(self) -> int:
         return self.schedule.nfe()
 
+    @property
+    def eval_times(self) -> tuple[float, ...]:
+        """The time of each model call, in call order (duplicates for implicit correctors)."""
+        return tuple(self.times[j] for j in self.eval_entries)
+
+    def start(self, x_T: torch.Tensor, data_mean: torch.Tensor | None = None) -> PlanRun:
+        """A resumable run from x_T (see PlanRun)."""
+        return PlanRun(self, x_T, data_mean)
+
     def run(self, model: EpsModel, x_T: torch.Tensor, data_mean: torch.Tensor | None = None) -> torch.Tensor:
         """Solve from x_T at t_start to the schedule's last time. ``model(x, t)`` returns eps."""
-        sched = self.schedule
-        a0, s0 = self.alphas[0], self.sigmas[0]
-        xs: list[torch.Tensor] = [x_T]
-        if sched.afs == "none":
-            eps = model(x_T, self.times[0])
-            x0 = self._x0(x_T, eps, 0)
-        elif sched.afs == "zero_x0":
-            eps = x_T / s0
-            x0 = torch.zeros_like(x_T)
-        else:
-            if data_mean is None:
-                raise ValueError("afs='mean_x0' needs the data mean (pass data_mean)")
-            x0 = data_mean.to(x_T).expand_as(x_T)
-            eps = (x_T - a0 * x0) / s0
-        epss, x0s = [eps], [x0]
-        x = x_T
-        for i, ps in enumerate(self.steps):
-            j = i + 1  # history index of the new entry
-            x = _apply(ps.predictor, xs, epss, x0s)
-            if not ps.evaluate:
-                break
-            eps = model(x, ps.t)
-            xs.append(x)
-            epss.append(eps)
-            x0s.append(self._x0(x, eps, j))
-            if ps.corrector is not None:
-                x = _apply(ps.corrector, xs, epss, x0s)
-                xs[j] = x
-                if ps.implicit:
-                    eps = model(x, ps.t)
-                    epss[j] = eps
-                    x0s[j] = self._x0(x, eps, j)
-            for k in ps.release:
-                xs[k] = epss[k] = x0s[k] = None
+        r = PlanRun(self, x_T, data_mean)
+        x = r.first_input()
+        while not r.done:
+            x = r.advance(model(x, r.pending_time))
         return x
 
     def _x0(self, x: torch.Tensor, eps: torch.Tensor, j: int) -> torch.Tensor | None:
@@ -247,6 +236,116 @@ class SamplerPlan:
         if not self.needs_x0:
             return None
         return torch.add(x, eps, alpha=-self.sigmas[j]).mul_(1.0 / self.alphas[j])
+
+
+class PlanRun:
+    """One run of a SamplerPlan as a resumable state machine, so that a caller who owns the model
+    loop (a diffusers pipeline) runs exactly what ``SamplerPlan.run`` runs:
+
+        x = run.first_input()          # the first model input (x_T, or x_{t1} with AFS)
+        while not run.done:
+            x = run.advance(model(x, run.pending_time))   # next model input, or the final sample
+
+    ``advance`` takes eps at the pending input. The history is kept (and freed after its last use)
+    as in ``run``; ``pending_input`` is the state the pending model call is evaluated at."""
+
+    def __init__(self, plan: SamplerPlan, x_T: torch.Tensor, data_mean: torch.Tensor | None = None):
+        self.plan = plan
+        self.x_T = x_T
+        self.data_mean = data_mean
+        self.calls = 0  # model outputs received so far
+        self.done = False
+        self.pending_input: torch.Tensor | None = None
+        self._xs: list = []
+        self._epss: list = []
+        self._x0s: list = []
+        self._step = -1  # the step whose model call is pending (-1: the call at t_start)
+        self._implicit = False  # the pending call re-evaluates an implicit corrector's state
+        self._started = False
+
+    @property
+    def pending_entry(self) -> int:
+        """History entry (index into ``plan.times``) of the pending model call."""
+        return self._step + 1
+
+    @property
+    def pending_time(self) -> float:
+        return self.plan.times[self._step + 1]
+
+    def first_input(self) -> torch.Tensor:
+        """Start the run: the first model input, or the final sample if the plan needs no call."""
+        if self._started:
+            raise RuntimeError("PlanRun.first_input: the run has already started")
+        self._started = True
+        plan, x_T = self.plan, self.x_T
+        self._xs = [x_T]
+        afs = plan.schedule.afs
+        if afs == "none":
+            self.pending_input = x_T
+            return x_T
+        a0, s0 = plan.alphas[0], plan.sigmas[0]
+        if afs == "zero_x0":
+            eps = x_T / s0
+            x0 = torch.zeros_like(x_T)
+        else:
+            if self.data_mean is None:
+                raise ValueError("afs='mean_x0' needs the data mean (pass data_mean)")
+            x0 = self.data_mean.to(x_T).expand_as(x_T)
+            eps = (x_T - a0 * x0) / s0
+        self._epss, self._x0s = [eps], [x0]
+        return self._predict(0)
+
+    def advance(self, eps: torch.Tensor) -> torch.Tensor:
+        """Take eps at ``pending_input``; return the next model input, or the final sample (then
+        ``done`` is True)."""
+        if not self._started or self.done:
+            raise RuntimeError("PlanRun.advance: " + ("call first_input() first" if not self._started
+                                                      else "the run is finished"))
+        plan = self.plan
+        x = self.pending_input
+        self.calls += 1
+        i = self._step
+        j = i + 1  # history index of the pending entry
+        if i < 0:  # the model call at t_start
+            self._epss, self._x0s = [eps], [plan._x0(x, eps, 0)]
+            return self._predict(0)
+        xs, epss, x0s = self._xs, self._epss, self._x0s
+        ps = plan.steps[i]
+        if self._implicit:
+            epss[j] = eps
+            x0s[j] = plan._x0(x, eps, j)
+            self._implicit = False
+        else:
+            xs.append(x)
+            epss.append(eps)
+            x0s.append(plan._x0(x, eps, j))
+            if ps.corrector is not None:
+                x = _apply(ps.corrector, xs, epss, x0s)
+                xs[j] = x
+                if ps.implicit:
+                    self._implicit = True
+                    self.pending_input = x
+                    return x
+        for k in ps.release:
+            xs[k] = epss[k] = x0s[k] = None
+        if i + 1 == len(plan.steps):  # a corrector on the last step: its corrected state is the result
+            return self._finish(x)
+        return self._predict(i + 1)
+
+    def _predict(self, i: int) -> torch.Tensor:
+        ps = self.plan.steps[i]
+        x = _apply(ps.predictor, self._xs, self._epss, self._x0s)
+        if not ps.evaluate:
+            return self._finish(x)
+        self._step = i
+        self.pending_input = x
+        return x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        self.done = True
+        self.pending_input = None
+        self._xs = self._epss = self._x0s = []
+        return x
 
 
 def _apply(u: Update, xs, epss, x0s) -> torch.Tensor:
