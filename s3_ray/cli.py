@@ -120,13 +120,37 @@ def _noise(name: str):
 def cmd_baseline(a):
     from s3_ray.usf.baselines import build_baseline
 
-    noise = _noise(a.noise_schedule)
+    if a.space is not None:  # the space's model gives the noise schedule (and the GITS model)
+        from s3_ray.config import load_config
+        from s3_ray.models.pipeline import noise_for
+
+        noise = noise_for(load_config(a.space).model)
+        if a.noise_schedule not in (None, noise.name):
+            raise UsageError(f"--noise-schedule: {a.noise_schedule!r} differs from the space's {noise.name!r}")
+    else:
+        noise = _noise(a.noise_schedule or "vp_linear")
     if a.t_end is not None and not a.t_end < noise.T:
         raise UsageError(f"--t-end: {a.t_end:g} is not below T = {noise.T:g} of noise schedule {noise.name!r}")
-    s = build_baseline(a.name, noise, a.nfe, order=a.order, discretization=a.discretization, t_end=a.t_end,
-                       afs=a.afs, lower_order_final=a.lower_order_final or None, prediction=a.prediction)
+    opts = dict(order=a.order, t_end=a.t_end, afs=a.afs, lower_order_final=a.lower_order_final or None,
+                prediction=a.prediction)
+    grid = _gits_grid(a, noise, opts) if a.discretization == "gits" else None
+    s = build_baseline(a.name, noise, a.nfe, discretization=a.discretization, grid=grid, **opts)
     _write(s, a.out)
     print(f"{a.name}: {len(s.steps)} steps, NFE {s.nfe()} -> {a.out}")
+
+
+def _gits_grid(a, noise, opts):
+    """The GITS grid of baseline a.name at a.nfe on the space's model (or the embedded one), cached."""
+    import torch
+
+    from s3_ray.metrics.baseline_table import gits_grid_for
+    from s3_ray.metrics.fid import cache_dir
+
+    torch.set_num_threads(1)
+    target = _target(space=a.space)
+    print(f"GITS grid for {a.name} at NFE {a.nfe} (computed once per model, cached in {cache_dir() / 'gits'})",
+          file=sys.stderr)
+    return gits_grid_for(target, a.name, a.nfe, **opts)
 
 
 def cmd_validate(a):
@@ -284,6 +308,23 @@ def cmd_report(a):
             print("no web browser found on this machine: open the file above where there is one", file=sys.stderr)
 
 
+def cmd_export(a):
+    """A search's best schedules as an S3Scheduler folder, or a pipeline folder using it."""
+    from s3_ray.pipelines.export import ExportError, export_diffusers
+
+    try:
+        out = export_diffusers(Path(a.run), Path(a.diffusers), pipeline=Path(a.pipeline) if a.pipeline else None,
+                               nfes=a.nfe, force=a.force)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    what = "pipeline" if a.pipeline else "scheduler"
+    print(f"wrote the {what} folder {out}")
+    if a.pipeline:
+        print(f"load it: import s3_ray; DiffusionPipeline.from_pretrained({str(out)!r})")
+    else:
+        print(f"load it: pipe.scheduler = s3_ray.S3Scheduler.from_pretrained({str(out)!r})")
+
+
 # ---- cluster jobs (Ray Jobs API; logic in s3_ray/cluster.py) --------------------------------------
 
 def cmd_submit(a):
@@ -380,7 +421,7 @@ def cmd_mlflow_server(a):
 # ---- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from s3_ray.usf.baselines import BASELINES, DISCRETIZATIONS
+    from s3_ray.usf.baselines import ALL_DISCRETIZATIONS, BASELINES
 
     p = argparse.ArgumentParser(prog="s3", description="USF/S3 solver schedules for diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -389,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=sorted(BASELINES))
     b.add_argument("--nfe", type=int_range(1, MAX_NFE), required=True)
     b.add_argument("--order", type=int_range(1, MAX_ORDER))
-    b.add_argument("--discretization", choices=DISCRETIZATIONS, default="logsnr_uniform")
-    b.add_argument("--noise-schedule", choices=NOISE_NAMES, default="vp_linear")
+    b.add_argument("--discretization", choices=ALL_DISCRETIZATIONS, default="logsnr_uniform",
+                   help="ays_sd15/ays_sdxl: Stable Diffusion's noise schedule only; gits: computed from the model")
+    b.add_argument("--noise-schedule", choices=NOISE_NAMES, help="default: the --space model's, else vp_linear")
+    b.add_argument("--space", help="search space whose model gives the noise schedule and the GITS teacher")
     b.add_argument("--t-end", type=positive_float)
     b.add_argument("--afs", choices=("none", "zero_x0", "mean_x0"), default="none")
     b.add_argument("--prediction", choices=("noise", "data"))
@@ -467,6 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="the search's run directory, e.g. runs/digits")
     rp.add_argument("--open", action="store_true", help="open it in a web browser (where this machine has one)")
     rp.set_defaults(fn=cmd_report)
+    ex = sub.add_parser("export", help="a search's best schedules as a diffusers S3Scheduler (or pipeline) folder")
+    ex.add_argument("--run", required=True, help="the search's run directory, e.g. runs/NAME")
+    ex.add_argument("--diffusers", type=out_dir, required=True, metavar="OUT_DIR",
+                    help="folder to write (a scheduler folder; with --pipeline, a pipeline folder)")
+    ex.add_argument("--pipeline", metavar="PIPE_DIR",
+                    help="the original pipeline folder: OUT_DIR becomes a pipeline that links its components")
+    ex.add_argument("--nfe", type=nfe_list, help="export only these NFEs (default: every one the run has)")
+    ex.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR")
+    ex.set_defaults(fn=cmd_export)
     _cluster_parsers(sub)
     return p
 

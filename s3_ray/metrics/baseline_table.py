@@ -1,6 +1,8 @@
 """The honest baseline table: every baseline builder x discretisation at each NFE on the embedded
 model, FID and KID against both reference sets (data and model), averaged over seeds.
 
+Builders include the peers iPNDM (a schedule, ``ipndm``) and, when asked for with
+``discretizations=[..., "gits"]``, GITS grids computed on the model (cached; see usf/gits.py).
 Writes ``baselines_digits.{json,md}`` with the best baseline per NFE marked.
 """
 
@@ -28,7 +30,8 @@ def _score_one(args) -> dict:
     from s3_ray.usf.baselines import build_baseline
 
     target = get_target(ModelConfig().model_dump_json(), MetricConfig(reference="model").model_dump_json())
-    s = build_baseline(name, target.noise, nfe, discretization=disc)
+    grid = gits_grid_for(target, name, nfe) if disc == "gits" else None
+    s = build_baseline(name, target.noise, nfe, discretization=disc, grid=grid)
     _, model_ref = target.reference_images()
     out = {"name": name, "discretization": disc, "nfe": nfe, "failed": False}
     vals = {"fid_data": [], "kid_data": [], "fid_model": [], "kid_model": []}
@@ -47,6 +50,24 @@ def _score_one(args) -> dict:
         if k.startswith("fid"):
             out[k + "_spread"] = float(np.std(v)) if v and not out["failed"] else None
     return out
+
+
+def gits_grid_for(target, name: str, nfe: int, **options):
+    """The cached GITS grid of baseline ``name`` at ``nfe`` on ``target``'s model (a Target with an
+    eps(x, t) model), keyed by its weights hash and model configuration."""
+    import hashlib
+
+    from s3_ray.metrics.fid import cache_dir
+    from s3_ray.usf.gits import cached_gits_grid
+
+    if getattr(target, "model", None) is None:
+        raise ValueError(f"discretization 'gits' needs the model as eps(x, t); model.kind "
+                         f"{target.model_cfg.kind!r} samples through its pipeline")
+    how = hashlib.sha256(target.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
+    return cached_gits_grid(target.model, target.noise, name, nfe, model_hash=f"{target.weights_sha}-{how}",
+                            cache_dir=cache_dir() / "gits", shape=target.shape, dtype=target.dtype,
+                            device=target.device, data_mean=target.data_mean,
+                            **{k: v for k, v in options.items() if v is not None})
 
 
 def _model_reference() -> None:

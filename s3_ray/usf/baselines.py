@@ -1,7 +1,9 @@
-"""Baseline solvers as schedules: DDIM, DPM-Solver(++) multistep and singlestep, UniPC.
+"""Baseline solvers as schedules: DDIM, DPM-Solver(++) multistep and singlestep, UniPC, iPNDM.
 
 Every builder returns a SolverSchedule; the sampler has one code path. Time grids come from
-``discretize`` (time-uniform, logSNR-uniform, time-quadratic, EDM rho).
+``discretize`` (time-uniform, logSNR-uniform, time-quadratic, EDM rho; the model-specific Align Your
+Steps levels ``ays_sd15``/``ays_sdxl``) or are given explicitly with ``grid=`` (e.g. a GITS grid from
+``s3_ray.usf.gits``, which needs a model and so is not a ``discretize`` kind).
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import math
 import numpy as np
 
 from .noise import NoiseSchedule
+from .sampler import phi
 from .schedule import Corrector, Derivative, Relaxation, SolverSchedule, Step
 
+# Model-free grids for every noise schedule (what tables and search spaces iterate over).
 DISCRETIZATIONS = ("time_uniform", "logsnr_uniform", "time_quadratic", "edm")
+# Published Align Your Steps levels: only for Stable Diffusion's noise schedule (see usf/ays.py).
+AYS_DISCRETIZATIONS = ("ays_sd15", "ays_sdxl")
+# 'gits' is computed from a model (usf/gits.py) and passed to the builders as ``grid=``.
+ALL_DISCRETIZATIONS = (*DISCRETIZATIONS, *AYS_DISCRETIZATIONS, "gits")
 MIDPOINT = Relaxation(kind="dpmsolver2")
 
 
@@ -37,11 +45,36 @@ def discretize(noise: NoiseSchedule, n_steps: int, kind: str = "logsnr_uniform",
         s0, s1 = math.exp(-float(noise.lambda_(T))), math.exp(-float(noise.lambda_(eps)))
         s = (s0 ** (1 / rho) + u * (s1 ** (1 / rho) - s0 ** (1 / rho))) ** rho
         t = noise.inverse_lambda(-np.log(s))
+    elif kind in AYS_DISCRETIZATIONS:
+        from .ays import ays_times
+
+        if t_end is not None or t_start is not None:
+            raise ValueError(f"discretization {kind!r}: the published levels fix both end points; "
+                             "leave t_end and t_start unset")
+        return ays_times(noise, kind, n_steps)
+    elif kind == "gits":
+        raise ValueError("discretization 'gits' is computed from a model: use s3_ray.usf.gits.gits_grid (or "
+                         "`s3 baseline NAME --discretization gits --space FILE`) and pass the times as grid=")
     else:
-        raise ValueError(f"unknown discretization {kind!r} (known: {', '.join(DISCRETIZATIONS)})")
+        raise ValueError(f"unknown discretization {kind!r} (known: {', '.join(ALL_DISCRETIZATIONS)})")
     t = np.asarray(t, dtype=np.float64)
     t[0], t[-1] = T, eps  # exact end points (the inverse map may round)
     return t
+
+
+def _times(noise: NoiseSchedule, n_steps: int, discretization: str, t_end: float | None,
+           grid=None) -> np.ndarray:
+    """The builder's n_steps + 1 times: ``grid`` if given (checked), else ``discretize``."""
+    if grid is None:
+        return discretize(noise, n_steps, discretization, t_end)
+    g = np.asarray(grid, dtype=np.float64)
+    if g.ndim != 1 or len(g) != n_steps + 1:
+        raise ValueError(f"grid: this builder needs {n_steps + 1} times ({n_steps} steps), got {np.shape(grid)}")
+    if not (np.all(np.isfinite(g)) and np.all(np.diff(g) < 0) and g[-1] > 0):
+        raise ValueError("grid: times must be finite, positive and strictly decreasing")
+    if t_end is not None and g[-1] != t_end:
+        raise ValueError(f"grid: ends at {g[-1]!r}, but t_end = {t_end!r} was asked for")
+    return g
 
 
 def _ramp(n_steps: int, order: int, lower_order_final: bool) -> list[int]:
@@ -95,14 +128,14 @@ def _schedule(noise, times, steps, afs) -> SolverSchedule:
     return SolverSchedule(noise_schedule=noise.name, t_start=float(times[0]), afs=afs, steps=tuple(steps))
 
 
-def ddim(noise, nfe, *, discretization="logsnr_uniform", t_end=None, afs="none", prediction="data", **_):
+def ddim(noise, nfe, *, discretization="logsnr_uniform", t_end=None, afs="none", prediction="data", grid=None, **_):
     return dpm_solver_multistep(noise, nfe, order=1, prediction=prediction, discretization=discretization,
-                                t_end=t_end, afs=afs)
+                                t_end=t_end, afs=afs, grid=grid)
 
 
 def dpm_solver_multistep(noise: NoiseSchedule, nfe: int, *, order: int = 2, prediction: str = "data",
                          discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
-                         lower_order_final: bool = False, exact_third_order: bool = False) -> SolverSchedule:
+                         lower_order_final: bool = False, exact_third_order: bool = False, grid=None) -> SolverSchedule:
     """DPM-Solver-kM (prediction='noise') / DPM-Solver++(kM) (prediction='data'), k = 1..3.
 
     The published 3M is the third-order multistep with a factor 1/2 on the second derivative
@@ -110,7 +143,7 @@ def dpm_solver_multistep(noise: NoiseSchedule, nfe: int, *, order: int = 2, pred
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver multistep order must be 1, 2 or 3, got {order}")
     n = _n_steps(nfe, afs)
-    times = discretize(noise, n, discretization, t_end)
+    times = _times(noise, n, discretization, t_end, grid)
     d2 = 1.0 if exact_third_order else 0.5
     steps = [_dpm_multistep_step(float(times[i + 1]), o, prediction, d2)
              for i, o in enumerate(_ramp(n, order, lower_order_final))]
@@ -119,13 +152,13 @@ def dpm_solver_multistep(noise: NoiseSchedule, nfe: int, *, order: int = 2, pred
 
 def unipc(noise: NoiseSchedule, nfe: int, *, order: int = 2, variant: str = "bh2", prediction: str = "data",
           discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
-          lower_order_final: bool = False) -> SolverSchedule:
+          lower_order_final: bool = False, grid=None) -> SolverSchedule:
     """UniPC-k: order-k UniP predictor + UniC corrector (B(h) = h for bh1, e^h - 1 for bh2) on every
     step but the last."""
     if order not in (1, 2, 3, 4) or variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC needs order 1..4 and variant bh1/bh2, got {order}, {variant!r}")
     n = _n_steps(nfe, afs)
-    times = discretize(noise, n, discretization, t_end)
+    times = _times(noise, n, discretization, t_end, grid)
     orders = _ramp(n, order, lower_order_final)
     steps = [_unipc_step(float(times[i + 1]), o, prediction, variant, corrector=i < n - 1) for i, o in enumerate(orders)]
     return _schedule(noise, times, steps, afs)
@@ -148,7 +181,7 @@ def _singlestep_orders(nfe: int, order: int, lower_order_final: bool) -> list[in
 
 def dpm_solver_singlestep(noise: NoiseSchedule, nfe: int, *, order: int = 3, prediction: str = "noise",
                           discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
-                          lower_order_final: bool = False) -> SolverSchedule:
+                          lower_order_final: bool = False, grid=None) -> SolverSchedule:
     """Singlestep DPM-Solver-2/3 (noise) or DPM-Solver++(2S/3S) (data): each macro step of order k
     inserts k - 1 intermediate times (lambda fractions 1/2, or 1/3 and 2/3) and expands from its
     start point (start = -k). The macro grid follows ``discretization``."""
@@ -156,7 +189,7 @@ def dpm_solver_singlestep(noise: NoiseSchedule, nfe: int, *, order: int = 3, pre
         raise ValueError(f"singlestep order must be 1, 2 or 3, got {order}")
     budget = nfe if afs == "none" else nfe + 1
     macro = _singlestep_orders(budget, order, lower_order_final)
-    grid = discretize(noise, len(macro), discretization, t_end)
+    grid = _times(noise, len(macro), discretization, t_end, grid)
     lam = noise.lambda_(grid)
     steps = []
     for k, o in enumerate(macro):
@@ -180,6 +213,56 @@ def dpm_solver_singlestep(noise: NoiseSchedule, nfe: int, *, order: int = 3, pre
     return _schedule(noise, grid, steps, afs)
 
 
+# Adams-Bashforth weights for equal steps, newest model output first (iPNDM, DEIS paper).
+AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ipndm_step(t: float, order: int, lams: list[float]) -> Step:
+    """The iPNDM step of ``order`` to time t, as a noise-prediction Taylor step whose derivative
+    estimates carry per-step scales: ``lams`` are the lambdas of the start point (last) and of the
+    order - 1 points before it (newest first), plus lambda_t.
+
+    iPNDM (x~ = x / alpha, s~ = sigma / alpha = e^-lambda): x~_t = x~_s + (s~_t - s~_s) sum_q w_q eps_q
+    with the fixed AB weights w. Our update in x~ is x~_s + (s~_t - s~_s) eps_s + sum_n c_n R_n D_n with
+    c_n = -s~_t h^(n+1) phi_{n+1}(h) and D_n = sum_q a^(n)_q (eps_q - eps_s), a^(n) = M^-1 e_n,
+    M_kq = delta_q^k / k! (delta_q = lambda_q - lambda_s). Matching the eps_q - eps_s terms gives
+    c R = (s~_t - s~_s) M w, i.e. R_n = expm1(h) (M w)_n / (h^(n+1) phi_{n+1}(h))."""
+    if order == 1:
+        return Step(t=t, prediction="noise", order=1)
+    *hist, lam_s, lam_t = lams
+    h = lam_t - lam_s
+    w = AB_WEIGHTS[order][1:]
+    deltas = [lam - lam_s for lam in reversed(hist)]  # newest first, as w
+    pts = _points(order)
+    derivs = []
+    for n in range(1, order):
+        mw = sum(d**n / math.factorial(n) * wq for d, wq in zip(deltas, w))
+        r = math.expm1(h) * mw / (h ** (n + 1) * phi(n + 1, h))
+        derivs.append(Derivative(points=pts, relaxation=Relaxation(scale=r)))
+    return Step(t=t, prediction="noise", order=order, derivatives=tuple(derivs))
+
+
+def ipndm(noise: NoiseSchedule, nfe: int, *, order: int = 4, prediction: str = "noise",
+          discretization: str = "logsnr_uniform", t_end: float | None = None, afs: str = "none",
+          lower_order_final: bool = False, grid=None) -> SolverSchedule:
+    """iPNDM (Zhang & Chen, DEIS paper; the GITS/AMED authors' ``ipndm`` sampler): Adams-Bashforth of
+    order min(order, i + 1) on d x~ / d s~ = eps with the fixed equal-step weights, whatever the grid.
+
+    Exactly a schedule: each step's fixed weights become scales on its derivative estimates (see
+    ``_ipndm_step``), so the scales belong to this grid; moving a time (search mutation) keeps them and
+    gives a neighbouring solver, no longer iPNDM."""
+    if order not in AB_WEIGHTS:
+        raise ValueError(f"iPNDM order must be 1..4, got {order}")
+    if prediction != "noise":
+        raise ValueError(f"prediction: iPNDM is Adams-Bashforth on the noise prediction, got {prediction!r}")
+    n = _n_steps(nfe, afs)
+    times = _times(noise, n, discretization, t_end, grid)
+    lam = [float(v) for v in noise.lambda_(times)]
+    steps = [_ipndm_step(float(times[i + 1]), o, lam[i - o + 1:i + 2])
+             for i, o in enumerate(_ramp(n, order, lower_order_final))]
+    return _schedule(noise, times, steps, afs)
+
+
 # name -> (builder, fixed keyword arguments). Options (nfe, order, discretization, t_end, afs,
 # lower_order_final, prediction) are passed through.
 BASELINES = {
@@ -198,6 +281,7 @@ BASELINES = {
     "unipc_bh2": (unipc, {"variant": "bh2", "order": 2}),
     "unipc_bh1_3": (unipc, {"variant": "bh1", "order": 3}),
     "unipc_bh2_3": (unipc, {"variant": "bh2", "order": 3}),
+    "ipndm": (ipndm, {"order": 4}),
 }
 
 
@@ -208,4 +292,21 @@ def build_baseline(name: str, noise: NoiseSchedule, nfe: int, **options) -> Solv
     except KeyError:
         raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})") from None
     kwargs = {**fixed, **{k: v for k, v in options.items() if v is not None}}
+    if kwargs.get("discretization") == "gits" and kwargs.get("grid") is not None:
+        kwargs.pop("discretization")  # the GITS times come as grid=
     return fn(noise, nfe, **kwargs)
+
+
+def grid_steps(name: str, nfe: int, **options) -> int:
+    """How many grid intervals baseline ``name`` at ``nfe`` needs (its ``grid=`` has one more time):
+    the steps of a multistep solver, the macro steps of a singlestep one."""
+    try:
+        fn, fixed = BASELINES[name]
+    except KeyError:
+        raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})") from None
+    kw = {**fixed, **{k: v for k, v in options.items() if v is not None}}
+    afs = kw.get("afs", "none")
+    if fn is dpm_solver_singlestep:
+        budget = nfe if afs == "none" else nfe + 1
+        return len(_singlestep_orders(budget, kw.get("order", 3), kw.get("lower_order_final", False)))
+    return _n_steps(nfe, afs)
