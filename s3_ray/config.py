@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -93,22 +101,93 @@ class DecisionSpace(_Cfg):
         return v
 
 
+PIPELINE_FIELDS = ("pipeline", "prompts", "class_labels", "negative_prompt", "guidance_scale", "image_size",
+                   "metric_space", "batch_size")
+ADAPTER_FIELDS = ("checkpoint", "output", "time_label", "image_shape")
+
+
 class ModelConfig(_Cfg):
     """The diffusion model under search. ``digits`` is the embedded default; ``checkpoint`` loads a
-    user network (safetensors) through a model adapter."""
+    user network (safetensors) through a model adapter; ``diffusers_pipeline`` samples with a user's
+    diffusers pipeline folder through ``S3Scheduler`` (s3_ray/models/pipeline.py)."""
 
-    kind: Literal["digits", "checkpoint", "gmm"] = "digits"
-    noise_schedule: str = "vp_linear"
+    kind: Literal["digits", "checkpoint", "gmm", "diffusers_pipeline"] = "digits"
+    noise_schedule: str | None = Field(default=None, description=(
+        "default vp_linear; for a pipeline: omit it (the pipeline's scheduler_config.json gives it) or name the "
+        "same schedule"))
     checkpoint: str | None = None
-    output: Literal["eps", "x0", "v", "score"] = "eps"
+    output: Literal["eps", "x0", "v", "score", "flow"] = "eps"
     time_label: str = "t"
     image_shape: tuple[int, ...] | None = None
+    # ---- kind: diffusers_pipeline ----
+    pipeline: str | None = Field(default=None, description="a diffusers pipeline folder (model_index.json, safetensors)")
+    prompts: str | None = Field(default=None, description="a UTF-8 text file, one prompt per line (text-conditional)")
+    class_labels: tuple[int, ...] | None = Field(default=None, description="class ids (class-conditional pipelines)")
+    negative_prompt: str | None = Field(default=None, max_length=2000)
+    guidance_scale: float = Field(default=1.0, ge=1.0, description="classifier-free guidance; 1 = none")
+    image_size: tuple[int, int] | None = Field(default=None, description=(
+        "[H, W] of the images; default: the denoiser's sample_size x the VAE scale factor"))
+    metric_space: Literal["latent", "image"] = Field(default="latent", description=(
+        "RMSE on the final latents or on the decoded images"))
+    batch_size: int = Field(default=16, ge=1, le=4096, description="samples per pipeline call (CFG doubles it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_noise(cls, data):
+        if isinstance(data, dict) and data.get("kind") != "diffusers_pipeline" and data.get("noise_schedule") is None:
+            data = {**data, "noise_schedule": "vp_linear"}
+        return data
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v):
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v}")
+        return v
+
+    @field_validator("class_labels")
+    @classmethod
+    def _labels(cls, v):
+        if v is not None and (not v or any(k < 0 for k in v) or len(v) > 100_000):
+            raise ValueError("need 1..100000 class ids, each >= 0")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and not all(1 <= k <= 16384 for k in v):
+            raise ValueError(f"height and width must be in 1..16384, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
-    def _ckpt(self):
+    def _kind_fields(self):
+        changed = {f for f in (*PIPELINE_FIELDS, *ADAPTER_FIELDS)
+                   if getattr(self, f) != type(self).model_fields[f].default}
         if self.kind == "checkpoint" and not self.checkpoint:
             raise ValueError("checkpoint: required when kind is 'checkpoint'")
+        if self.kind == "diffusers_pipeline":
+            if not self.pipeline:
+                raise ValueError("pipeline: required when kind is 'diffusers_pipeline' (a diffusers pipeline folder)")
+            if self.prompts is not None and self.class_labels is not None:
+                raise ValueError("prompts: give prompts or class_labels, not both")
+            for f in ADAPTER_FIELDS:
+                if f in changed:
+                    raise ValueError(f"{f}: not used with kind 'diffusers_pipeline' (the pipeline folder and its "
+                                     "scheduler config give the network, its output and time labels)")
+            if self.negative_prompt is not None and self.guidance_scale == 1.0:
+                raise ValueError("negative_prompt: only used with classifier-free guidance (guidance_scale > 1)")
+        else:
+            for f in PIPELINE_FIELDS:
+                if f in changed:
+                    raise ValueError(f"{f}: only used with kind 'diffusers_pipeline'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # Only the fields of this kind: configs (and the hashes and caches keyed by them) of the other
+        # kinds read as before the pipeline fields existed.
+        drop = ADAPTER_FIELDS if self.kind == "diffusers_pipeline" else PIPELINE_FIELDS
+        return {k: v for k, v in handler(self).items() if k not in drop}
 
 
 class MetricConfig(_Cfg):
@@ -212,9 +291,10 @@ class SearchConfig(_Cfg):
 
 def check_reference(model: ModelConfig, metric: MetricConfig) -> None:
     """FID against 'data' needs the model's training set, which only the embedded digits model ships."""
-    if model.kind == "checkpoint" and metric.kind == "fid" and metric.reference == "data":
+    if model.kind in ("checkpoint", "diffusers_pipeline") and metric.kind == "fid" and metric.reference == "data":
+        what = "a checkpoint" if model.kind == "checkpoint" else "a pipeline (its own images from the same prompts)"
         raise ValueError("metric.reference: 'data' needs the model's training set, which only the digits model "
-                         "ships; use reference: model (samples of a 100-NFE solve) for a checkpoint")
+                         f"ships; use reference: model (samples of a 100-NFE solve) for {what}")
 
 
 def load_config(path) -> SearchConfig:
@@ -240,9 +320,7 @@ def parse_config(data, source: str = "config") -> SearchConfig:
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as e:
-        from s3_ray.usf.schedule import format_validation_error
-
-        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+        raise ConfigError(f"{source}: {_format_error(e)}") from None
     from s3_ray.search.preflight import check_space
 
     try:
@@ -250,6 +328,14 @@ def parse_config(data, source: str = "config") -> SearchConfig:
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def _format_error(e: ValidationError) -> str:
+    """``format_validation_error``, with a section validator's ``field: reason`` joined to the
+    section's name (``model: prompts: ...`` reads ``model.prompts: ...``)."""
+    from s3_ray.usf.schedule import format_validation_error
+
+    return re.sub(r"(^|; )([a-z_]+): ([a-z_]+): ", r"\1\2.\3: ", format_validation_error(e))
 
 
 def with_overrides(cfg: SearchConfig, flags: dict[str, tuple[str, object]]) -> SearchConfig:

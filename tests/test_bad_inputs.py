@@ -367,3 +367,70 @@ def test_legitimate_inputs_still_load(case_dir, capsys):
         assert main(["schedule", "validate", str(case_dir / name)]) == 0, capsys.readouterr().err
     assert main(["baseline", "ddim", "--nfe", "3", "--out", str(case_dir / "b.json")]) == 0
     assert main(["schedule", "validate", str(case_dir / "b.json")]) == 0
+
+
+# ---- diffusers pipeline targets: `s3 search` refuses before anything starts (no run directory) ----
+# Variants of the tiny pipelines (tests/tiny_pipelines.py) are made by the `pipes` fixture under
+# {d}/../pipes/; "sd" and "ddpm" are the good ones.
+PIPE_SPACES = {
+    "pipeline-pickled": ("pickled", {}, ("model.pipeline", "refused", "diffusion_pytorch_model.bin")),
+    "pipeline-unsupported-class": ("unsupported", {}, ("model.pipeline", "_class_name", "DDIMPipeline")),
+    "pipeline-unknown-beta-schedule": ("beta", {}, ("scheduler_config.json", "beta_schedule", "cosine_bogus")),
+    "pipeline-absent": ("absent", {}, ("model.pipeline", "does not exist")),
+    "pipeline-prompts-empty": ("sd", {"prompts": "\n  \n"}, ("model.prompts", "prompts.txt", "no prompt")),
+    "pipeline-prompts-binary": ("sd", {"prompts": BINARY}, ("model.prompts", "prompts.txt", "not UTF-8")),
+    "pipeline-prompts-nul": ("sd", {"prompts": "a cat\nx\x00y\n"}, ("model.prompts", "prompts.txt", "line 2")),
+    "pipeline-prompts-missing": ("sd", {}, ("model.prompts", "prompts.txt", "cannot read")),
+    "pipeline-image-size": ("sd", {"prompts": "a cat\n", "model": {"image_size": [12, 12]}}, ("model.image_size",)),
+    "pipeline-afs-ddpm": ("ddpm", {"decisions": {"afs": ["none", "zero_x0"]}}, ("decisions.afs", "DDPMPipeline")),
+    "pipeline-noise-schedule": ("ddpm", {"model": {"noise_schedule": "flow"}}, ("model.noise_schedule", "flow")),
+    "pipeline-fid-no-weights": ("ddpm", {"metric": {"kind": "fid", "reference": "model",
+                                                    "feature_extractor": "inception-v3-compat",
+                                                    "feature_extractor_weights_path": "{d}/inception.pth"}},
+                                ("metric.feature_extractor_weights_path", "inception.pth")),
+    "pipeline-seed-afs": ("ddpm", {"seed_schedules": ["{d}/seed.json"], "seed_file": build_baseline(
+        "ddim", get_noise_schedule("vp_discrete"), 3, afs="zero_x0").to_json()},
+        ("seed_schedules[0]", "seed.json", "DDPMPipeline", "afs")),
+    "pipeline-fid-data": ("ddpm", {"metric": {"kind": "fid", "reference": "data"}}, ("p.yaml", "metric.reference")),
+}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory, tiny_ddpm, tiny_sd) -> Path:
+    import shutil
+
+    from diffusers import DDPMPipeline
+
+    root = tmp_path_factory.mktemp("pipes")
+    (root / "sd").symlink_to(tiny_sd)
+    (root / "ddpm").symlink_to(tiny_ddpm)
+    DDPMPipeline.from_pretrained(tiny_ddpm).save_pretrained(root / "pickled", safe_serialization=False)
+    for name in ("unsupported", "beta"):
+        shutil.copytree(tiny_ddpm, root / name)
+    index = root / "unsupported" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "DDIMPipeline"}))
+    sched = root / "beta" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "beta_schedule": "cosine_bogus"}))
+    return root
+
+
+@pytest.mark.parametrize("variant,extra,needles", PIPE_SPACES.values(), ids=PIPE_SPACES.keys())
+def test_refused_pipeline_search(variant, extra, needles, pipes, case_dir, capsys):
+    import yaml
+
+    extra = {k: json.loads(json.dumps(v).replace("{d}", str(case_dir))) if isinstance(v, (dict, list)) else v
+             for k, v in extra.items()}
+    model = {"kind": "diffusers_pipeline", "pipeline": str(pipes / variant), **extra.pop("model", {})}
+    files = {"seed.json": extra.pop("seed_file")} if "seed_file" in extra else {}
+    if variant == "sd":
+        model.update(prompts=str(case_dir / "prompts.txt"), guidance_scale=2.0)
+        if "prompts" in extra:
+            files["prompts.txt"] = extra.pop("prompts")
+    space_yaml = {"name": "pipe", "model": model, "metric": {"kind": "rmse", "samples": [4]}, "nfe": [3], **extra}
+    files["p.yaml"] = yaml.safe_dump(space_yaml)
+    argv = prepare(case_dir, ["search", "--space", "{d}/p.yaml", "--runs", "{d}/runs"], files)
+    before, pipes_before = tree(case_dir), tree(pipes)
+    rc, text = run_in_process(argv, capsys)
+    assert_refused(rc, text, needles, case_dir, before)
+    assert not (case_dir / "runs").exists() and tree(pipes) == pipes_before
+    print(text.strip())

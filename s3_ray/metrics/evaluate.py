@@ -1,9 +1,16 @@
 """Evaluation of one schedule: sample with common random numbers, score, time it.
 
-``Target`` bundles what a score needs (the model as eps(x, t), its noise schedule, the sample
-shape, the data mean for AFS, and the reference set); ``evaluate`` runs one schedule on it. The
-noise for seed s is identical for every schedule (common random numbers). A schedule whose samples
-contain NaN/Inf gets the configured worst score and ``failed = True`` instead of an exception.
+``Target`` is about one job, schedule in, score out: it bundles the model's noise schedule, a
+*sample producer* and the reference set; ``evaluate`` runs one schedule on it. A sample producer
+(``SampleProducer``) turns (schedule, n, seed) into samples whose starting noise depends on (n, seed)
+only, identical for every schedule (common random numbers). Two implementations:
+
+- ``AdapterSampler``: our ``SamplerPlan`` over a ``ModelAdapter`` (digits, GMM, checkpoints);
+- ``s3_ray.models.pipeline.PipelineSampler``: the user's diffusers pipeline ``__call__`` with an
+  ``S3Scheduler`` holding the schedule (``model.kind: diffusers_pipeline``).
+
+A schedule whose samples contain NaN/Inf gets the configured worst score and ``failed = True``
+instead of an exception.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 import os
 import time
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,7 +28,7 @@ import torch
 from s3_ray.config import MetricConfig, ModelConfig, check_reference
 from s3_ray.metrics.fid import file_sha256
 from s3_ray.models.adapter import ModelAdapter
-from s3_ray.usf.noise import get_noise_schedule
+from s3_ray.models.pipeline import noise_for
 from s3_ray.usf.sampler import SamplerPlan
 from s3_ray.usf.schedule import SolverSchedule
 
@@ -34,13 +42,55 @@ MODEL_REFERENCE_SEED = 1_000_003  # noise seed of the 'model' reference set, dis
 SAMPLE_CHUNK = 256
 
 
+class SampleProducer(Protocol):
+    """Samples of a schedule. ``noise_batch(n, seed)`` is the starting noise of samples 0..n-1, the
+    same for every schedule; ``sample`` returns float tensors on the CPU, in ``space`` ('image':
+    model-space images in [-1, 1]; 'latent': a latent pipeline's final latents)."""
+
+    shape: tuple[int, ...]
+
+    def noise_batch(self, n: int, seed: int) -> torch.Tensor: ...
+
+    def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None, progress=None,
+               space: str = "image") -> torch.Tensor: ...
+
+
+class AdapterSampler:
+    """Our ``SamplerPlan`` over a ``ModelAdapter``: x_T = sigma_T z with z from seed ``seed``."""
+
+    def __init__(self, model: ModelAdapter, noise, shape: tuple[int, ...], dtype, device, data_mean: torch.Tensor):
+        self.model, self.noise, self.shape, self.dtype, self.device = model, noise, shape, dtype, device
+        self.data_mean = data_mean
+
+    def noise_batch(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn((n, *self.shape), generator=g, dtype=self.dtype) * float(self.noise.sigma(self.noise.T))
+
+    @torch.no_grad()
+    def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None, progress=None,
+               space: str = "image", x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """(``x_T``: start from these states instead of ``noise_batch(n, seed)``.)"""
+        plan = SamplerPlan(schedule, self.noise)
+        mean = self.data_mean.to(self.dtype)
+        out = []
+        for x in (self.noise_batch(n, seed) if x_T is None else x_T).split(chunk or SAMPLE_CHUNK):
+            out.append(plan.run(self.model, x.to(self.device), data_mean=mean.to(self.device)).cpu())
+            if progress is not None:
+                progress.update(len(x))
+        return torch.cat(out)
+
+
 class Target:
     """A model to sample from plus everything needed to score its samples."""
 
     def __init__(self, model_cfg: ModelConfig, metric_cfg: MetricConfig):
         self.model_cfg, self.metric_cfg = model_cfg, metric_cfg
-        self.noise = get_noise_schedule(model_cfg.noise_schedule)
+        check_reference(model_cfg, metric_cfg)
+        self.noise = noise_for(model_cfg)
         self.device = torch.device("cpu")
+        self.dtype = torch.float64 if model_cfg.kind == "gmm" else torch.float32
+        self.model: ModelAdapter | None = None
+        self.metric_space = "image"  # where evaluate() takes the samples it scores
         if model_cfg.kind == "digits":
             from s3_ray.models.digits import UNET_PATH, load_digits_data, load_digits_model
 
@@ -64,7 +114,6 @@ class Target:
         elif model_cfg.kind == "checkpoint":
             from s3_ray.models.checkpoint import check_scheduler, load_checkpoint
 
-            check_reference(model_cfg, metric_cfg)
             check_scheduler(model_cfg.checkpoint, self.noise)
             net, self.shape, self.weights_sha = load_checkpoint(model_cfg.checkpoint, model_cfg.image_shape)
             if torch.cuda.is_available():  # a trial given a GPU by Ray sees it; noise stays on the CPU (seeds)
@@ -74,41 +123,58 @@ class Target:
             self.data_mean = torch.zeros(self.shape)
             self.model = ModelAdapter(net, self.noise, output=model_cfg.output, time_label=model_cfg.time_label)
             self.data_sha, self.is_image = None, True
+        elif model_cfg.kind == "diffusers_pipeline":
+            from s3_ray.models.pipeline import PipelineSampler, check_metric_space, check_pipeline
+
+            check_pipeline_metric(metric_cfg)
+            check_metric_space(check_pipeline(model_cfg).cls, model_cfg, metric_cfg)  # before loading weights
+            self.producer = PipelineSampler(model_cfg)
+            self.device, self.shape, self.weights_sha = self.producer.device, self.producer.shape, self.producer.weights_sha
+            self.data_mean, self.data_sha, self.is_image = torch.zeros(self.shape), None, True
+            self.metric_space = model_cfg.metric_space if metric_cfg.kind == "rmse" else "image"
         else:
-            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported (digits, checkpoint, gmm)")
+            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported (digits, checkpoint, gmm, "
+                             "diffusers_pipeline)")
+        if self.model is not None:
+            self.producer = AdapterSampler(self.model, self.noise, self.shape, self.dtype, self.device, self.data_mean)
         if metric_cfg.kind == "fid" and not self.is_image:
             raise ValueError(f"metric.kind: FID needs an image model, {model_cfg.kind!r} has vectors (use rmse)")
-        self.dtype = torch.float64 if model_cfg.kind == "gmm" else torch.float32
         self._rmse_refs: dict = {}
         self._model_ref: torch.Tensor | None = None
 
     def noise_batch(self, n: int, seed: int) -> torch.Tensor:
         """x_T for seed ``seed``: the same for every schedule (common random numbers)."""
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn((n, *self.shape), generator=g, dtype=self.dtype) * float(self.noise.sigma(self.noise.T))
+        return self.producer.noise_batch(n, seed)
 
-    @torch.no_grad()
     def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None,
-               progress=None) -> torch.Tensor:
-        """``n`` samples from noise seed ``seed``, solved ``chunk`` (default ``SAMPLE_CHUNK``) at a time;
-        ``progress`` (an ``s3_ray.progress.Progress``) advances by each chunk's samples."""
-        plan = SamplerPlan(schedule, self.noise)
-        mean = self.data_mean.to(self.dtype)
-        out = []
-        for x in self.noise_batch(n, seed).split(chunk or SAMPLE_CHUNK):
-            out.append(plan.run(self.model, x.to(self.device), data_mean=mean).cpu())
-            if progress is not None:
-                progress.update(len(x))
-        return torch.cat(out)
+               progress=None, space: str = "image") -> torch.Tensor:
+        """``n`` samples from noise seed ``seed``, solved ``chunk`` (default ``SAMPLE_CHUNK``; a
+        pipeline: ``model.batch_size``) at a time; ``progress`` (an ``s3_ray.progress.Progress``)
+        advances by each chunk's samples. ``space='latent'``: a latent pipeline's final latents."""
+        return self.producer.sample(schedule, n, seed, chunk=chunk, progress=progress, space=space)
+
+    def cache_key(self) -> str:
+        """What this target's samples depend on besides schedule, n and seed (names disk caches)."""
+        if self.model_cfg.kind == "diffusers_pipeline":
+            return self.producer.sample_key()[:24]
+        # same weights under another noise schedule, output or time label give other samples
+        how = hashlib.sha256(self.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
+        return f"{self.weights_sha[:16]}-{how}"
 
     def reference_solution(self, n: int, seed: int) -> torch.Tensor:
-        """High-accuracy solve from the same noise (for the RMSE proxy), cached per process."""
-        key = (n, seed)
+        """High-accuracy solve from the same noise (for the RMSE proxy), in ``metric_space``; cached
+        per process (and, for a pipeline, on disk: it costs 100 NFE per sample)."""
+        key = (n, seed, self.metric_space)
         if key not in self._rmse_refs:
             from s3_ray.usf.baselines import build_baseline
 
             ref = build_baseline(REFERENCE_SOLVER[0], self.noise, REFERENCE_SOLVER[1])
-            self._rmse_refs[key] = self.sample(ref, n, seed)
+            if self.model_cfg.kind == "diffusers_pipeline":
+                name = f"pipe-ref-{self.cache_key()}-{self.metric_space}-{REFERENCE_SOLVER[0]}-{REFERENCE_SOLVER[1]}"
+                self._rmse_refs[key] = cached_array(f"{name}-{n}-{seed}.npy", lambda: self.sample(
+                    ref, n, seed, space=self.metric_space))
+            else:
+                self._rmse_refs[key] = self.sample(ref, n, seed)
         return self._rmse_refs[key]
 
     def reference_images(self) -> tuple[str, torch.Tensor | None]:
@@ -121,27 +187,52 @@ class Target:
         return "model", self._model_ref
 
 
+def check_pipeline_metric(metric_cfg: MetricConfig) -> None:
+    """FID on a pipeline's images needs Inception weights the user has (never downloaded)."""
+    if metric_cfg.kind != "fid":
+        return
+    if not metric_cfg.feature_extractor.startswith("inception"):
+        raise ValueError(f"metric.feature_extractor: {metric_cfg.feature_extractor!r} reads the digits model's 8x8 "
+                         "images; a pipeline's images need inception-v3-compat with feature_extractor_weights_path "
+                         "(or use metric.kind: rmse, which needs no extractor)")
+    from s3_ray.metrics.fid import check_weights_file
+
+    check_weights_file(metric_cfg.feature_extractor_weights_path, "metric.feature_extractor_weights_path")
+
+
+def cached_array(name: str, make) -> torch.Tensor:
+    """``make()`` (a tensor), cached as ``<cache_dir>/<name>`` (np.save to a temporary, then an
+    atomic rename; read without pickle)."""
+    from s3_ray.metrics.fid import cache_dir
+
+    path = cache_dir() / name
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError):
+            pass  # unreadable entry: recompute and overwrite
+    x = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, x.numpy(), allow_pickle=False)
+    os.replace(tmp, path)
+    return x
+
+
 def model_reference_images(target: Target, n: int) -> torch.Tensor:
     """``n`` samples of ``target`` from the reference solver, as uint8, cached by weights hash."""
-    from s3_ray.metrics.fid import cache_dir, uint8_images
+    from s3_ray.metrics.fid import uint8_images
+    from s3_ray.progress import Progress
     from s3_ray.usf.baselines import build_baseline
 
     name, nfe = REFERENCE_SOLVER
-    # same weights under another noise schedule, output or time label give other samples
-    how = hashlib.sha256(target.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
-    path = cache_dir() / f"model-ref-{target.weights_sha[:16]}-{how}-{name}-{nfe}-{n}-{MODEL_REFERENCE_SEED}.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    from s3_ray.progress import Progress
 
-    with Progress(n, f"model reference set ({nfe}-NFE solve)", "samples") as progress:
-        x = target.sample(build_baseline(name, target.noise, nfe), n, MODEL_REFERENCE_SEED, progress=progress)
-    images = uint8_images(x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, images.numpy())
-    os.replace(tmp, path)
-    return images
+    def make():
+        with Progress(n, f"model reference set ({nfe}-NFE solve)", "samples") as progress:
+            x = target.sample(build_baseline(name, target.noise, nfe), n, MODEL_REFERENCE_SEED, progress=progress)
+        return uint8_images(x)
+
+    return cached_array(f"model-ref-{target.cache_key()}-{name}-{nfe}-{n}-{MODEL_REFERENCE_SEED}.npy", make)
 
 
 def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | None = None, n: int = 1000,
@@ -154,7 +245,7 @@ def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | No
     start = time.perf_counter()
     out = {"nfe": schedule.nfe(), "schedule_hash": schedule.schedule_hash(), "n": n, "seed": seed, "failed": False}
     try:
-        x = target.sample(schedule, n, seed)
+        x = target.sample(schedule, n, seed, space=target.metric_space)
     except RuntimeError as e:
         if "overflow" not in str(e):  # a coefficient beyond the tensor dtype's range: the solve blew up
             raise

@@ -79,6 +79,31 @@ def file_sha256(path) -> str:
     return _FILE_SHA[key]
 
 
+_CHECKED_WEIGHTS: set = set()  # sha256 of extractor weights files that passed check_weights_file
+
+
+def check_weights_file(path, field: str = "feature_extractor_weights_path") -> None:
+    """A local feature-extractor weights file that holds tensors only. torch-fidelity reads it with
+    ``torch.load(weights_only=False)`` (which would run pickled code), so it is first read here with
+    ``weights_only=True``; a file that needs more than tensors is refused. ValueError names ``field``."""
+    if not path:
+        raise ValueError(f"{field}: required (a local weights file; s3-ray never downloads weights)")
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{field}: {p} does not exist or is not a file (s3-ray never downloads weights)")
+    sha = file_sha256(p)
+    if sha in _CHECKED_WEIGHTS:
+        return
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (pickle and zip errors of many kinds)
+        raise ValueError(f"{field}: {p} is not a plain PyTorch state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{field}: {p} is not a state dict of tensors")
+    _CHECKED_WEIGHTS.add(sha)
+
+
 def _weights_path(path=None) -> Path:
     from s3_ray.models.digits import CLASSIFIER_PATH
 
@@ -191,6 +216,7 @@ def fid_kid(samples_uint8, reference_uint8=None, cuda: bool = False, feature_ext
         if not Path(feature_extractor_weights_path).is_file():
             raise FileNotFoundError(f"{feature_extractor_weights_path}: feature extractor weights file not found "
                                     f"(needed by {feature_extractor!r}; s3-ray never downloads weights)")
+        check_weights_file(feature_extractor_weights_path)
         backend = "calculate_metrics"
     reference = digits_reference(reference_kind) if reference_uint8 is None else torch.as_tensor(reference_uint8)
     sub = min(1000, len(samples), len(reference)) if kid_subset_size is None else int(kid_subset_size)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from s3_ray.config import SearchConfig
 from s3_ray.errors import first_line
+from s3_ray.models.pipeline import noise_for
 from s3_ray.usf.baselines import build_baseline
-from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.schedule import SolverSchedule
 
 TUNE_NAME = "tune"
@@ -89,7 +89,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     elif tune_dir.exists() and not fresh:
         raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
     try:
-        check_files(cfg)
+        cfg = check_files(cfg)  # with the decisions the target can run
     except ValueError as e:
         raise SearchError(str(e)) from None
     tracking = read_tracking(run_dir / TRACKING_FILE) if resume else {}
@@ -263,7 +263,7 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     seeds; export the best schedule per NFE; write summary.md; log the parent run."""
     import ray
 
-    noise = get_noise_schedule(cfg.model.noise_schedule)
+    noise = noise_for(cfg.model)
     by_nfe = defaultdict(list)
     for _, c, r in records:
         if c["source"] != "baseline" and not r.get("failed"):
@@ -345,8 +345,9 @@ def _sample_grids(cfg: SearchConfig, best_dir: Path, grid_dir: Path, n: int = 64
 
 def summary_markdown(summary: dict) -> str:
     metric = summary["metric"].upper()
+    against = "vs a converged solve from the same noise" if metric == "RMSE" else f"{summary['reference']} reference"
     lines = [f"# {summary['name']}: searched schedules vs the best tuned baseline", "",
-             f"{metric} ({summary['reference']} reference), {summary['final_samples']} samples x {len(summary['final_seeds'])} "
+             f"{metric} ({against}), {summary['final_samples']} samples x {len(summary['final_seeds'])} "
              f"fresh seeds; converged {metric} (reference solver): {summary['converged']:.3f}", "",
              f"| NFE | S3 {metric} | best baseline | its {metric} | ratio | converged |", "|---|---|---|---|---|---|"]
     for r in summary["rows"]:

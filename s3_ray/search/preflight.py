@@ -17,14 +17,28 @@ from s3_ray.config import SearchConfig
 
 def check_space(cfg: SearchConfig) -> None:
     """What the fields imply together: a known noise schedule, a final-time range below its T, every
-    NFE reachable under the decisions. ValueError names the field."""
-    from s3_ray.search.space import random_schedule_at_nfe
+    NFE reachable under the decisions. ValueError names the field. A pipeline's noise schedule is in
+    its folder, which may be on a cluster only: ``check_files`` checks those on the driver's machine."""
+    if cfg.model.kind == "diffusers_pipeline":
+        if cfg.model.noise_schedule is not None:
+            _noise_by_name(cfg.model.noise_schedule)
+        return
+    check_noise_space(cfg, _noise_by_name(cfg.model.noise_schedule))
+
+
+def _noise_by_name(name: str):
     from s3_ray.usf.noise import get_noise_schedule
 
     try:
-        noise = get_noise_schedule(cfg.model.noise_schedule)
+        return get_noise_schedule(name)
     except ValueError as e:
         raise ValueError(f"model.noise_schedule: {e}") from None
+
+
+def check_noise_space(cfg: SearchConfig, noise) -> None:
+    """The t_end range and every NFE under the decisions, on the model's noise schedule."""
+    from s3_ray.search.space import random_schedule_at_nfe
+
     if cfg.decisions.t_end_range is not None and cfg.decisions.t_end_range[1] >= noise.T:
         raise ValueError(f"decisions.t_end_range: must end below the noise schedule's T = {noise.T:g}, "
                          f"got {list(cfg.decisions.t_end_range)}")
@@ -37,25 +51,66 @@ def check_space(cfg: SearchConfig) -> None:
                              f"min_dlambda {cfg.decisions.min_dlambda:g}): {e}") from None
 
 
-def check_files(cfg: SearchConfig) -> None:
+def search_decisions(cfg: SearchConfig) -> SearchConfig:
+    """``cfg`` with the decisions its target can run: for a pipeline, the values ``S3Scheduler``
+    cannot express there are left out of the defaults; a space that sets one explicitly is refused
+    (ValueError naming decisions.<field> and the pipeline class). Reads the pipeline folder."""
+    if cfg.model.kind != "diffusers_pipeline":
+        return cfg
+    from s3_ray.models.pipeline import check_pipeline, unsupported_decisions
+    from s3_ray.search.space import restrict_decisions
+
+    info = check_pipeline(cfg.model)
+    bad = unsupported_decisions(info.cls, info.noise)
+    bad["afs"] = tuple(sorted({*bad.get("afs", ()), "mean_x0"}))  # no data mean inside a pipeline
+    decisions = restrict_decisions(cfg.decisions, bad, f"{info.cls} ({info.dir})")
+    return cfg if decisions == cfg.decisions else cfg.model_copy(update={"decisions": decisions})
+
+
+def check_files(cfg: SearchConfig) -> SearchConfig:
     """The files the space names: ``seed_schedules`` (valid schedules on the model's noise schedule,
-    at a searched NFE) and ``model.checkpoint``. ValueError names the field and file."""
+    at a searched NFE, runnable by the target), ``model.checkpoint`` or ``model.pipeline`` (its
+    folder, scheduler config, prompts, image size, and what the decisions imply on its noise
+    schedule), Inception weights. Returns ``cfg`` with the decisions the target can run
+    (``search_decisions``). ValueError names the field and file."""
+    from s3_ray.models.pipeline import noise_for
     from s3_ray.usf.schedule import ScheduleError, load_schedule
 
+    if cfg.model.kind == "checkpoint":
+        from s3_ray.models.checkpoint import model_dir
+
+        model_dir(cfg.model.checkpoint)
+    pipeline = cfg.model.kind == "diffusers_pipeline"
+    if pipeline:
+        from s3_ray.metrics.evaluate import check_pipeline_metric
+        from s3_ray.models.pipeline import check_metric_space, check_pipeline
+
+        cfg = search_decisions(cfg)
+        check_pipeline_metric(cfg.metric)
+        check_metric_space(check_pipeline(cfg.model).cls, cfg.model, cfg.metric)
+    noise = noise_for(cfg.model)
+    if pipeline:
+        check_noise_space(cfg, noise)
     for i, f in enumerate(cfg.seed_schedules):
         try:
             s = load_schedule(f)
         except ScheduleError as e:
             raise ValueError(f"seed_schedules[{i}]: {e}") from None
-        if s.noise_schedule != cfg.model.noise_schedule:
+        if s.noise_schedule != noise.name:
             raise ValueError(f"seed_schedules[{i}]: {f} is for noise schedule {s.noise_schedule!r}, the model's is "
-                             f"{cfg.model.noise_schedule!r}")
+                             f"{noise.name!r}")
         if s.nfe() not in cfg.nfe:
             raise ValueError(f"seed_schedules[{i}]: {f} costs {s.nfe()} NFE, outside the searched nfe {list(cfg.nfe)}")
-    if cfg.model.kind == "checkpoint":
-        from s3_ray.models.checkpoint import model_dir
+        if pipeline:
+            from s3_ray.models.pipeline import model_index, pipeline_dir
+            from s3_ray.pipelines import check_expressible
 
-        model_dir(cfg.model.checkpoint)
+            cls = model_index(pipeline_dir(cfg.model.pipeline))["_class_name"]
+            try:
+                check_expressible(s, cls)
+            except ScheduleError as e:
+                raise ValueError(f"seed_schedules[{i}]: {f}: {cls} cannot run it: {e}") from None
+    return cfg
 
 
 def check_resources(cfg: SearchConfig, nodes: list[dict], local: bool) -> str | None:

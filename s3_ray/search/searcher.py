@@ -26,11 +26,11 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from s3_ray.config import SearchConfig
+from s3_ray.models.pipeline import noise_for
 from s3_ray.search.predictor import Predictor, heldout_tau, per_nfe_tau
 from s3_ray.search.space import propose, random_schedule_at_nfe
 from s3_ray.search.tpe import TPEProposer
 from s3_ray.usf.baselines import build_baseline
-from s3_ray.usf.noise import get_noise_schedule
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
 ALGOS = ("s3", "evolution", "random", "optuna-tpe")
@@ -44,8 +44,11 @@ class S3Searcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+        from s3_ray.search.preflight import search_decisions
+
+        config = search_decisions(config)  # a pipeline: only decisions it can run
         self.cfg, self.algo = config, algo
-        self.noise = get_noise_schedule(config.model.noise_schedule)
+        self.noise = noise_for(config.model)
         self.rng = np.random.default_rng(config.seed)
         self.queue: list[dict] = []  # proposals waiting for a trial id
         self.pending: dict[str, dict] = {}  # trial id -> proposal
@@ -280,7 +283,7 @@ class S3Searcher(Searcher):
             raise ValueError(f"searcher state version {state.get('version')} is not {STATE_VERSION}")
         self.cfg = SearchConfig.model_validate(state["config"])
         self.algo = state["algo"]
-        self.noise = get_noise_schedule(self.cfg.model.noise_schedule)
+        self.noise = noise_for(self.cfg.model)
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.queue, self.pending, self.results = state["queue"], state["pending"], state["results"]
@@ -325,7 +328,7 @@ def predictor_quality(state: dict) -> list[dict]:
     if state.get("algo") != "s3":
         return []
     cfg = SearchConfig.model_validate(state["config"])
-    noise = get_noise_schedule(cfg.model.noise_schedule)
+    noise = noise_for(cfg.model)
     results = sorted(state["results"], key=lambda r: r["index"])
     encodings: dict = {}  # the stages' training sets overlap: encode each schedule once
     out = []

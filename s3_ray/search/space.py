@@ -520,3 +520,20 @@ def propose(rng: np.random.Generator, pool: dict[int, list[tuple[SolverSchedule,
     fixed = ops.model_copy(update={"add_step_prob": 0.0, "delete_step_prob": 0.0})
     child = mutate(rng, top[int(rng.integers(len(top)))], noise, decisions, fixed, nfe=target_nfe)
     return child if child.nfe() in allowed else random_schedule_at_nfe(rng, noise, target_nfe, decisions, ops)
+
+
+def restrict_decisions(decisions: DecisionSpace, unsupported: dict[str, tuple[str, ...]], where: str) -> DecisionSpace:
+    """``decisions`` without the values a target cannot run (``unsupported``: field -> values). A
+    field left at its default loses them quietly; a field the space sets to something else that
+    holds one is refused (ValueError naming decisions.<field> and ``where``)."""
+    update = {}
+    for field, bad in unsupported.items():
+        values = getattr(decisions, field)
+        keep = tuple(v for v in values if v not in bad)
+        if keep == values:
+            continue
+        if values != DecisionSpace.model_fields[field].default or not keep:
+            raise ValueError(f"decisions.{field}: {where} cannot run {[v for v in values if v in bad]} (through "
+                             f"S3Scheduler); allow only {[v for v in values if v not in bad] or 'other values'}")
+        update[field] = keep
+    return decisions.model_copy(update=update) if update else decisions
