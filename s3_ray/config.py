@@ -275,9 +275,9 @@ class SearchConfig(_Cfg):
     @field_validator("baselines", "discretizations")
     @classmethod
     def _known(cls, v, info):
-        from s3_ray.usf.baselines import BASELINES, DISCRETIZATIONS
+        from s3_ray.usf.baselines import ALL_DISCRETIZATIONS, BASELINES
 
-        known = BASELINES if info.field_name == "baselines" else DISCRETIZATIONS
+        known = BASELINES if info.field_name == "baselines" else ALL_DISCRETIZATIONS
         bad = [b for b in v if b not in known]
         if bad:
             raise ValueError(f"unknown value(s) {bad} (known: {', '.join(known)})")
@@ -286,6 +286,9 @@ class SearchConfig(_Cfg):
     @model_validator(mode="after")
     def _reference(self):
         check_reference(self.model, self.metric)
+        if "gits" in self.discretizations and self.model.kind == "diffusers_pipeline":
+            raise ValueError("discretizations: 'gits' needs the model as eps(x, t) (its teacher trajectories "
+                             "are solved outside the pipeline loop); not available for kind 'diffusers_pipeline'")
         return self
 
 

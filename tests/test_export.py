@@ -98,9 +98,9 @@ def test_scheduler_folder_round_trip(sd_run, tiny_sd, tmp_path):
 
 
 def test_pipeline_folder_loads_with_diffusion_pipeline(sd_run, tiny_sd, tmp_path):
-    import s3_ray  # noqa: F401  (DiffusionPipeline resolves ["s3_ray", "S3Scheduler"] by importing it)
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    import s3_ray  # noqa: F401  (DiffusionPipeline resolves ["s3_ray", "S3Scheduler"] by importing it)
     from s3_ray import S3Scheduler
 
     run_dir, best = sd_run

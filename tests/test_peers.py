@@ -354,3 +354,50 @@ def test_cli_baseline_gits_on_a_space(tmp_path, monkeypatch, capsys):
     default = build_baseline("ddim", VPLinear(), 4)
     assert s.times != default.times
     assert main(argv) == 0 and SolverSchedule.from_json(out.read_text()) == s  # from the cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers in a search space: validated with the space, seeded by the searcher
+
+GMM_SPACE = {"name": "g", "model": {"kind": "gmm"}, "metric": {"kind": "rmse", "samples": [64]}, "nfe": [3, 4],
+             "budget": 40, "random_init": 2, "baselines": ["ddim", "dpm_solver_pp_2m"],
+             "discretizations": ["logsnr_uniform", "gits"]}
+
+
+def test_peer_discretizations_in_a_search_space_are_checked():
+    from s3_ray.config import ConfigError, parse_config
+
+    assert parse_config(GMM_SPACE).discretizations == ("logsnr_uniform", "gits")
+    with pytest.raises(ConfigError, match=r"discretizations: .*ays_sd15.*vp_discrete"):
+        parse_config({**GMM_SPACE, "discretizations": ["ays_sd15"]})  # the gmm model is vp_linear
+    with pytest.raises(ConfigError, match=r"discretizations: unknown value\(s\) \['gitz'\]"):
+        parse_config({**GMM_SPACE, "discretizations": ["gitz"]})
+    pipe = {**GMM_SPACE, "model": {"kind": "diffusers_pipeline", "pipeline": "/nonexistent"},
+            "metric": {"kind": "rmse", "samples": [8]}}
+    with pytest.raises(ConfigError, match=r"discretizations: 'gits' needs the model as eps\(x, t\)"):
+        parse_config(pipe)
+
+
+def test_searcher_seeds_the_gits_grids_computed_on_the_model(tmp_path, monkeypatch):
+    from s3_ray.config import parse_config
+    from s3_ray.search.searcher import S3Searcher
+    from s3_ray.search.seed_baselines import _gits_task, baseline_schedules
+
+    monkeypatch.setenv("S3_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = parse_config(GMM_SPACE)
+    grids = _gits_task(cfg.model.model_dump_json(), cfg.metric.model_dump_json(), list(cfg.baselines), list(cfg.nfe))
+    assert sorted(grids) == ["ddim/3", "ddim/4", "dpm_solver_pp_2m/3", "dpm_solver_pp_2m/4"]
+    assert len(list((tmp_path / "cache" / "gits").glob("gits-*.json"))) == 4
+    noise = VPLinear()
+    for key, times in grids.items():  # a GITS grid is not one of the fixed discretisations
+        name, nfe = key.split("/")
+        assert all(not np.allclose(times, build_baseline(name, noise, int(nfe), discretization=d).times)
+                   for d in DISCRETIZATIONS)
+    searcher = S3Searcher(cfg, gits_grids=grids)
+    seeded = [SolverSchedule.from_json(p["schedule"]) for p in searcher.queue if p["source"] == "baseline"]
+    for key, times in grids.items():
+        name, nfe = key.split("/")
+        assert build_baseline(name, noise, int(nfe), grid=times) in seeded
+    assert len(seeded) == len(baseline_schedules(cfg, noise, grids)) == 8
+    with pytest.raises(ValueError, match="discretizations: no GITS grid for ddim at NFE 3"):
+        S3Searcher(cfg)

@@ -183,7 +183,9 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir), trainable=fn, resume_errored=True)
     else:
-        searcher = S3Searcher(cfg, algo=algo)
+        from s3_ray.search.seed_baselines import gits_grids
+
+        searcher = S3Searcher(cfg, algo=algo, gits_grids=gits_grids(cfg, out) if algo in ("s3", "evolution") else {})
         searcher.trial_settings = {"cache_dir": str(run_dir / "results-cache")}
         tuner = tune.Tuner(
             fn,
@@ -268,14 +270,14 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     for _, c, r in records:
         if c["source"] != "baseline" and not r.get("failed"):
             by_nfe[c["nfe"]].append((r["score"], c["schedule"]))
+    from s3_ray.search.seed_baselines import baseline_schedules, gits_grids
+
+    baseline_set = baseline_schedules(cfg, noise, gits_grids(cfg, out))
     candidates = []  # (nfe, kind, label, schedule_json)
     for nfe in cfg.nfe:
         for _, sj in sorted(by_nfe[nfe])[: cfg.final_top_k]:
             candidates.append((nfe, "searched", SolverSchedule.from_json(sj).schedule_hash()[:10], sj))
-        for name in cfg.baselines:
-            for disc in cfg.discretizations:
-                s = build_baseline(name, noise, nfe, discretization=disc)
-                candidates.append((nfe, "baseline", f"{name}/{disc}", s.to_json()))
+        candidates += [(nfe, "baseline", label, s.to_json()) for n, label, s in baseline_set if n == nfe]
     from s3_ray.metrics.evaluate import REFERENCE_SOLVER
 
     converged = build_baseline(REFERENCE_SOLVER[0], noise, REFERENCE_SOLVER[1]).to_json()

@@ -42,6 +42,14 @@ def check_noise_space(cfg: SearchConfig, noise) -> None:
     if cfg.decisions.t_end_range is not None and cfg.decisions.t_end_range[1] >= noise.T:
         raise ValueError(f"decisions.t_end_range: must end below the noise schedule's T = {noise.T:g}, "
                          f"got {list(cfg.decisions.t_end_range)}")
+    from s3_ray.usf.baselines import AYS_DISCRETIZATIONS, discretize
+
+    for d in cfg.discretizations:
+        if d in AYS_DISCRETIZATIONS:
+            try:
+                discretize(noise, max(cfg.nfe), d)
+            except ValueError as e:
+                raise ValueError(f"discretizations: {e}") from None
     for nfe in cfg.nfe:
         try:
             random_schedule_at_nfe(np.random.default_rng(0), noise, nfe, cfg.decisions, cfg.operators)

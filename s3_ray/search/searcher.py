@@ -28,9 +28,9 @@ from ray.tune.search import Searcher
 from s3_ray.config import SearchConfig
 from s3_ray.models.pipeline import noise_for
 from s3_ray.search.predictor import Predictor, heldout_tau, per_nfe_tau
+from s3_ray.search.seed_baselines import baseline_schedules
 from s3_ray.search.space import propose, random_schedule_at_nfe
 from s3_ray.search.tpe import TPEProposer
-from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
 ALGOS = ("s3", "evolution", "random", "optuna-tpe")
@@ -40,7 +40,9 @@ STATE_VERSION = 1
 class S3Searcher(Searcher):
     """``suggest(trial_id)`` -> trial config | None (ask again later) | Searcher.FINISHED."""
 
-    def __init__(self, config: SearchConfig, algo: str = "s3", metric: str = "score", mode: str = "min"):
+    def __init__(self, config: SearchConfig, algo: str = "s3", metric: str = "score", mode: str = "min",
+                 gits_grids: dict[str, list[float]] | None = None):
+        """``gits_grids``: ``seed_baselines.gits_grids(config)``, needed when discretizations list gits."""
         super().__init__(metric=metric, mode=mode)
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
@@ -63,6 +65,7 @@ class S3Searcher(Searcher):
         self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
         self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
         self._plan_job = None  # (future, rng, seen) of the next stage while it is planned ahead
+        self._gits_grids = gits_grids or {}
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
@@ -80,10 +83,7 @@ class S3Searcher(Searcher):
         cfg = self.cfg
         seeds = [(load_schedule(f), "user") for f in cfg.seed_schedules]
         if self.algo in ("s3", "evolution"):
-            for nfe in cfg.nfe:
-                for name in cfg.baselines:
-                    for disc in cfg.discretizations:
-                        seeds.append((build_baseline(name, self.noise, nfe, discretization=disc), "baseline"))
+            seeds += [(b, "baseline") for *_, b in baseline_schedules(cfg, self.noise, self._gits_grids)]
         for _ in range(cfg.random_init):
             for nfe in cfg.nfe:
                 seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random"))
