@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test search bench lint clean mlflow browser
+.PHONY: setup test search bench lint clean mlflow browser postgres
 
 # Idempotent: re-installs only when pyproject.toml changes.
 setup: $(STAMP)
@@ -32,6 +32,13 @@ mlflow: setup
 bench: setup
 	rc=0; for b in benchmarks/*.py; do OMP_NUM_THREADS=1 $(BIN)/python $$b || \
 	  { echo "make bench: $$b failed or missed a target" >&2; rc=1; }; done; exit $$rc
+
+# PostgreSQL for a shared tracking server (`s3 mlflow-server --backend-store-uri postgresql://...`) and
+# tests/test_postgres_tracking.py (Debian's package, as root; the test starts its own cluster, it does
+# not use the package's service). Does nothing where initdb is installed.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
 # Chromium and its WebDriver for tests/test_browser.py (Debian's packages, as root; CI machines start
 # without them). Does nothing where both are installed.

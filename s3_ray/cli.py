@@ -411,7 +411,8 @@ def cmd_mlflow_server(a):
     from s3_ray.tracking.server import ServerError, serve
 
     try:
-        rc = serve(a.host, a.port, a.runs, allowed_hosts=a.allowed_hosts, timeout=a.timeout)
+        rc = serve(a.host, a.port, a.runs, allowed_hosts=a.allowed_hosts, timeout=a.timeout,
+                   backend_store_uri=a.backend_store_uri)
     except ServerError as e:
         raise UsageError(str(e)) from None
     if rc:
@@ -502,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     ms.add_argument("--port", type=int_range(1, 65535), default=5000)
     ms.add_argument("--runs", type=out_dir, default="runs", help="directory of mlflow-server.db and mlartifacts/")
+    ms.add_argument("--backend-store-uri", help=("where runs are stored: default sqlite:///<runs>/mlflow-server.db; "
+                                                 "postgresql://USER[:PASSWORD]@HOST:PORT/DB for a shared server"))
     ms.add_argument("--allowed-hosts", help="Host headers MLflow accepts (e.g. mlflow:5000 behind a network name)")
     ms.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for /health")
     ms.set_defaults(fn=cmd_mlflow_server)

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import re
+import select
 from types import SimpleNamespace
 
 import pytest
@@ -153,7 +154,10 @@ def test_live_bar_is_drawn_on_a_terminal_that_reports_no_size():
         p.update(status="best fid NFE 4: 1.234")
         p.close()
         stream.flush()
-        shown = os.read(master, 65536).decode()
+        shown = b""
+        while select.select([master], [], [], 1.0)[0]:  # everything written (one read may return a part)
+            shown += os.read(master, 65536)
+        shown = shown.decode()
     finally:
         stream.close()
         os.close(master)

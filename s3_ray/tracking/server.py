@@ -1,6 +1,8 @@
 """``s3 mlflow-server``: an MLflow tracking server for searches.
 
-sqlite backend store ``<runs>/mlflow-server.db`` and proxied artifacts under ``<runs>/mlartifacts``,
+sqlite backend store ``<runs>/mlflow-server.db`` (or a PostgreSQL database, ``backend_store_uri``
+``postgresql://USER[:PASSWORD]@HOST:PORT/DB``, for a server several searches share) and proxied
+artifacts under ``<runs>/mlartifacts``,
 bound to 127.0.0.1 unless ``--host`` says otherwise, one uvicorn worker, and the server's job
 executor off (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``: otherwise ~7 extra processes, ~2.2 GB).
 
@@ -35,8 +37,44 @@ class ServerError(RuntimeError):
     """The server could not start; the message says what happened and what to run next."""
 
 
-def backend_uri(runs: str | Path) -> str:
-    return f"sqlite:///{Path(runs).resolve() / 'mlflow-server.db'}"
+BACKEND_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+
+
+def backend_uri(runs: str | Path, backend_store_uri: str | None = None) -> str:
+    return backend_store_uri or f"sqlite:///{Path(runs).resolve() / 'mlflow-server.db'}"
+
+
+def redact(uri: str) -> str:
+    """``uri`` with its password, if any, replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(uri)
+    if u.password is None:
+        return uri
+    netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return urlunsplit(u._replace(netloc=netloc))
+
+
+def check_backend(uri: str, timeout: float = 10.0) -> None:
+    """ServerError unless ``uri`` is an sqlite file URI or a PostgreSQL database this machine can
+    connect to (checked with a real connection, so a wrong host, password or database name is named
+    before the server starts)."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme not in BACKEND_SCHEMES:
+        raise ServerError(f"--backend-store-uri: {redact(uri)!r} is not supported: give sqlite:///FILE or "
+                          "postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE")
+    if scheme == "sqlite":
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout))})
+        with engine.connect() as c:
+            c.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 (the driver's errors have no common base we can name)
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise ServerError(f"--backend-store-uri: cannot connect to {redact(uri)}: {first}") from None
 
 
 def artifacts_dir(runs: str | Path) -> Path:
@@ -53,10 +91,10 @@ def client_uri(host: str, port: int) -> str:
 
 
 def server_command(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path = "runs",
-                   allowed_hosts: str | None = None) -> list[str]:
+                   allowed_hosts: str | None = None, backend_store_uri: str | None = None) -> list[str]:
     """The ``mlflow server`` command line (absolute paths: the server's cwd does not matter)."""
     cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", backend_uri(runs),
+           "--backend-store-uri", backend_uri(runs, backend_store_uri),
            "--serve-artifacts", "--artifacts-destination", str(artifacts_dir(runs)),
            "--host", host, "--port", str(port), "--workers", "1"]
     if allowed_hosts:
@@ -103,7 +141,7 @@ def check_bind(host: str, port: int) -> None:
 
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path = "runs",
                  allowed_hosts: str | None = None, log: str | Path | None = None,
-                 env: dict | None = None) -> subprocess.Popen:
+                 env: dict | None = None, backend_store_uri: str | None = None) -> subprocess.Popen:
     """Start ``mlflow server`` in a new process group; returns at once (see ``wait_healthy``).
     Output goes to ``log`` (appended) if given, else to this process's stdout/stderr."""
     check_bind(host, port)
@@ -111,7 +149,7 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str |
     artifacts_dir(runs).mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else None  # noqa: SIM115 (kept open by the child)
     try:
-        return subprocess.Popen(server_command(host, port, runs, allowed_hosts), env=server_env(env),
+        return subprocess.Popen(server_command(host, port, runs, allowed_hosts, backend_store_uri), env=server_env(env),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
     finally:
@@ -180,14 +218,17 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path = "runs",
-          allowed_hosts: str | None = None, timeout: float = HEALTH_TIMEOUT_S, out=sys.stdout) -> int:
+          allowed_hosts: str | None = None, timeout: float = HEALTH_TIMEOUT_S, out=sys.stdout,
+          backend_store_uri: str | None = None) -> int:
     """Run the server in the foreground until Ctrl-C / SIGTERM; returns its exit status."""
     check_bind(host, port)
+    if backend_store_uri:
+        check_backend(backend_store_uri)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding MLflow to {host}: anyone who can reach this machine on port {port} can read and "
               f"write every run (MLflow has no authentication here); keep it behind a firewall or a private "
               f"network, and set --allowed-hosts to the names clients use", file=sys.stderr)
-    proc = start_server(host, port, runs, allowed_hosts)
+    proc = start_server(host, port, runs, allowed_hosts, backend_store_uri=backend_store_uri)
     uri = client_uri(host, port)
 
     def _term(signum, frame):
@@ -199,9 +240,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runs: str | Path =
             rc = proc.poll()
             why = f"it exited with status {rc}" if rc is not None else f"{uri}/health did not answer within {timeout:.0f} s"
             raise ServerError(f"the MLflow server did not start ({why}); its output is above. "
-                              f"Check that {runs} is writable and port {port} is free, then rerun "
+                              f"Check that {runs} is writable, port {port} is free and the backend store "
+                              f"{redact(backend_uri(runs, backend_store_uri))} is reachable, then rerun "
                               f"`s3 mlflow-server` (add --timeout for a slow machine)")
-        print(f"MLflow server ready at {uri} (backend {backend_uri(runs)}, artifacts {artifacts_dir(runs)})\n"
+        print(f"MLflow server ready at {uri} (backend {redact(backend_uri(runs, backend_store_uri))}, artifacts {artifacts_dir(runs)})\n"
               f"  search with: s3 search --space SPACE.yaml --mlflow-uri {uri}\n"
               f"  stop with Ctrl-C", file=out, flush=True)
         return proc.wait()
