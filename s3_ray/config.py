@@ -225,11 +225,26 @@ class PredictorConfig(_Cfg):
     max_steps: int = Field(default=16, ge=1, description="encoding pads schedules to this many steps")
     probes: bool = Field(default=True, description="add each schedule's errors on analytic probe problems to its encoding")
     weight_decay: float = Field(default=0.03, ge=0)
+    max_train: int = Field(default=2000, ge=2, description=(
+        "results one stage trains on at most (beyond: per NFE the best quarter and a seeded sample of the "
+        "rest), so planning costs no more at 10,000 results than at this many"))
 
 
 class ResourcesConfig(_Cfg):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
+
+
+class SyntheticConfig(_Cfg):
+    """A benchmark tool, not a search: each trial scores its schedule on the configured (cheap,
+    ``gmm``) model, then sleeps until a duration drawn from a lognormal with a straggler tail has
+    passed, so the real searcher, Tune and MLflow run at high concurrency while trials cost no CPU.
+    The duration is a function of the trial key and the seed (the same in a simulation)."""
+
+    median_s: float = Field(default=2.0, gt=0, description="median trial duration (seconds)")
+    sigma: float = Field(default=0.25, ge=0, description="lognormal shape of the duration")
+    straggler_prob: float = Field(default=0.02, ge=0, le=1, description="chance a trial is a straggler")
+    straggler_factor: float = Field(default=5.0, ge=1, description="a straggler lasts this many times longer")
 
 
 class SearchConfig(_Cfg):
@@ -243,14 +258,19 @@ class SearchConfig(_Cfg):
     stages: int = Field(default=3, ge=1)
     plan_ahead: int = Field(default=0, ge=0, description=(
         "0: a stage is planned once every earlier result is in (workers wait meanwhile); k > 0: it is "
-        "planned in the background as soon as all but the previous stage's last k results are in "
-        "(its first one at least), and those k count from the stage after"))
+        "planned in the background as soon as all but the previous phase's last k results are in "
+        "(a stage's first one at least, half the seed phase at least), and those k count from the stage "
+        "after; the seed phase then holds at least 2 x concurrency schedules (random ones fill it). "
+        "k >= a stage's size: asynchronous stages (each trains on every result before the previous stage)"))
     random_init: int = Field(default=10, ge=0, description="random schedules per NFE before the first stage")
     operators: OperatorConfig = OperatorConfig()
     decisions: DecisionSpace = DecisionSpace()
     predictor: PredictorConfig = PredictorConfig()
     resources: ResourcesConfig = ResourcesConfig()
     concurrency: int = Field(default=2, ge=1)
+    synthetic: SyntheticConfig | None = Field(default=None, description=(
+        "benchmark tool: trials sleep for a drawn duration and return the gmm model's score "
+        "(benchmarks/scale.py); needs model.kind gmm"))
     seed: int = 0
     final_top_k: int = Field(default=3, ge=1, description="schedules per NFE re-evaluated at the end")
     seed_schedules: tuple[str, ...] = Field(default=(), description="schedule JSON files evaluated first (source 'user')")
@@ -286,6 +306,9 @@ class SearchConfig(_Cfg):
     @model_validator(mode="after")
     def _reference(self):
         check_reference(self.model, self.metric)
+        if self.synthetic is not None and self.model.kind != "gmm":
+            raise ValueError("synthetic: needs model.kind 'gmm' (its score is the cheap objective a synthetic "
+                             f"trial returns), got {self.model.kind!r}")
         if "gits" in self.discretizations and self.model.kind == "diffusers_pipeline":
             raise ValueError("discretizations: 'gits' needs the model as eps(x, t) (its teacher trajectories "
                              "are solved outside the pipeline loop); not available for kind 'diffusers_pipeline'")

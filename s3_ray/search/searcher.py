@@ -55,16 +55,19 @@ class S3Searcher(Searcher):
         self.queue: list[dict] = []  # proposals waiting for a trial id
         self.pending: dict[str, dict] = {}  # trial id -> proposal
         self.results: list[dict] = []  # proposal + score, failed
+        self._done_prefix, self._done_above = 0, set()  # every index < _done_prefix has its result
         self.seen: set[str] = set()  # schedule hashes ever proposed
         self.n_suggested = 0
         self.stage = -1  # -1: seed phase
         self.stage_budgets = []
         self.taus: list[dict] = []  # per stage: training set size, candidates, chosen
-        self._eval_settings = {"model": config.model.model_dump_json(), "metric": config.metric.model_dump_json()}
+        self._eval_settings = _eval_settings(config)
         self.trial_settings: dict = {}  # extra keys for every trial config (the driver sets the result cache)
         self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
         self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
         self._plan_job = None  # (future, rng, seen) of the next stage while it is planned ahead
+        self.submit_plan = _submit_plan  # runs a stage's planning beside the search (a simulation's clock)
+        self.waiting_for = None  # why the last suggest returned None: 'results' or 'planning'
         self._gits_grids = gits_grids or {}
         self._plan_seed_phase()
 
@@ -86,6 +89,12 @@ class S3Searcher(Searcher):
             seeds += [(b, "baseline") for *_, b in baseline_schedules(cfg, self.noise, self._gits_grids)]
         for _ in range(cfg.random_init):
             for nfe in cfg.nfe:
+                seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random"))
+        if self.algo == "s3" and cfg.plan_ahead and seeds:
+            # Planning ahead, every worker has a seed schedule while the first stage is planned
+            # from the seed phase's first part: random ones fill the phase to 2 x concurrency.
+            for i in range(max(0, min(2 * cfg.concurrency, cfg.budget) - len(seeds))):
+                nfe = cfg.nfe[i % len(cfg.nfe)]
                 seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random"))
         for s, source in seeds:
             p = self._proposal(s, source, -1)
@@ -133,6 +142,8 @@ class S3Searcher(Searcher):
         The predictor's quality is measured after the search (``predictor_quality``), so that
         planning does only what the proposals need."""
         budget = self.stage_budgets[stage]
+        results = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
+                                  self.cfg.seed + stage)
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
         predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
                               encoding_cache=self._encodings)
@@ -181,13 +192,16 @@ class S3Searcher(Searcher):
         end = self.n_suggested + len(self.queue)  # the queue holds the rest of the current phase
         if end >= self.cfg.budget:
             return  # no stage follows
-        size = self.taus[-1]["chosen"] if self.stage >= 0 else end
-        cutoff = max(end - self.cfg.plan_ahead, end - size + 1) if size else end  # at least the phase's first result
-        if sum(r["index"] < cutoff for r in self.results) < cutoff:
+        if self.stage >= 0:
+            size = self.taus[-1]["chosen"]
+            cutoff = max(end - self.cfg.plan_ahead, end - size + 1) if size else end  # at least the phase's first result
+        else:  # the first stage trains on at least half of the seed phase
+            cutoff = max(end - self.cfg.plan_ahead, (end + 1) // 2)
+        if self._done_prefix < cutoff:
             return  # an earlier result is still out
-        results = [r for r in self._ordered_results() if r["index"] < cutoff]
+        results = [r for r in self.results if r["index"] < cutoff]
         rng, seen = copy.deepcopy(self.rng), set(self.seen)
-        job = _executor().submit(self._plan, self.stage + 1, results, rng, seen)
+        job = self.submit_plan(self._plan, self.stage + 1, results, rng, seen)
         self._plan_job = (job, rng, seen)
 
     def _take_planned_stage(self) -> bool:
@@ -207,6 +221,13 @@ class S3Searcher(Searcher):
 
     # ---- the Searcher protocol -------------------------------------------------------------------
     def suggest(self, trial_id: str):
+        self.waiting_for = None
+        out = self._suggest(trial_id)
+        if out is None:
+            self.waiting_for = "planning" if self._plan_job is not None else "results"
+        return out
+
+    def _suggest(self, trial_id: str):
         if self.n_suggested >= self.cfg.budget:
             return Searcher.FINISHED
         if not self.queue:
@@ -266,9 +287,16 @@ class S3Searcher(Searcher):
         failed = bool(error or not finite or result.get("failed"))
         value = float(score) if finite else self.cfg.metric.worst_score
         self.results.append({**proposal, "trial_id": trial_id, "score": value, "failed": failed})
+        self._count_done(proposal["index"])
         if self.tpe is not None and "tpe" in proposal:
             self.tpe.tell(proposal["tpe"]["number"], proposal["tpe"]["params"], value)
         self._maybe_plan_ahead()
+
+    def _count_done(self, index: int):
+        self._done_above.add(index)
+        while self._done_prefix in self._done_above:
+            self._done_above.remove(self._done_prefix)
+            self._done_prefix += 1
 
     # ---- state ------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -288,16 +316,19 @@ class S3Searcher(Searcher):
         self.rng.bit_generator.state = state["rng"]
         self.queue, self.pending, self.results = state["queue"], state["pending"], state["results"]
         self.seen, self.n_suggested = set(state["seen"]), state["n_suggested"]
+        self._done_prefix, self._done_above = 0, set()
+        for r in self.results:
+            self._count_done(r["index"])
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
         self._encodings, self._plan_job = {}, None
         if self.tpe is not None:
             self.tpe.set_state(state["tpe"])
-        self._eval_settings = {"model": self.cfg.model.model_dump_json(), "metric": self.cfg.metric.model_dump_json()}
+        self._eval_settings = _eval_settings(self.cfg)
 
     def __getstate__(self):  # Tune pickles the searcher with the Tuner; a running plan stays behind
-        return {**self.__dict__, "_plan_job": None, "_encodings": {}}
+        return {**self.__dict__, "_plan_job": None, "_encodings": {}, "submit_plan": _submit_plan}
 
     def save(self, path: str):
         tmp = f"{path}.tmp"
@@ -310,10 +341,43 @@ class S3Searcher(Searcher):
             self.set_state(json.load(f))
 
 
+def _eval_settings(cfg: SearchConfig) -> dict:
+    """What every trial config carries besides its proposal."""
+    out = {"model": cfg.model.model_dump_json(), "metric": cfg.metric.model_dump_json()}
+    if cfg.synthetic is not None:
+        out["synthetic"] = cfg.synthetic.model_dump_json()
+    return out
+
+
 @cache
 def _executor() -> ThreadPoolExecutor:
     """The one thread that plans stages ahead (planning is mostly Python: one at a time)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-plan")
+
+
+def training_subset(results: list[dict], cap: int, seed: int) -> list[dict]:
+    """At most ``cap`` of ``results`` (in suggestion order) for the predictor, so that a stage's
+    planning costs the same with 10,000 results as with ``cap``: per NFE in proportion to its share,
+    the best quarter and a seeded sample of the rest (a function of the results, not of the order
+    they arrived in)."""
+    if len(results) <= cap:
+        return results
+    by_nfe = defaultdict(list)
+    for i, r in enumerate(results):
+        by_nfe[r["nfe"]].append(i)
+    rng, keep = np.random.default_rng(seed), []
+    for nfe in sorted(by_nfe):
+        idx = by_nfe[nfe]
+        k = max(2, round(cap * len(idx) / len(results)))
+        order = sorted(idx, key=lambda i: (results[i]["score"], i))
+        best = order[: k // 4]
+        rest = order[k // 4:]
+        keep += best + [rest[j] for j in rng.choice(len(rest), size=min(k - len(best), len(rest)), replace=False)]
+    return [results[i] for i in sorted(keep)]
+
+
+def _submit_plan(fn, *args):
+    return _executor().submit(fn, *args)
 
 
 def predictor_quality(state: dict) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ def run_trial(config: dict) -> dict:
 
     With ``config['cache_dir']`` results are cached by (schedule hash, samples, seed, model, metric):
     a trial re-run after a driver restart answers from the cache."""
+    started_at = time.time()
     cache = _cache_path(config)
     if cache is not None and cache.is_file():
         return {**json.loads(cache.read_text()), "cached": 1}
@@ -35,7 +37,13 @@ def run_trial(config: dict) -> dict:
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result))
         os.replace(tmp, cache)
-    return {**result, "cached": 0}
+    if config.get("synthetic"):  # a benchmark: the trial lasts its drawn duration
+        from s3_ray.config import SyntheticConfig
+        from s3_ray.search.synthetic import pad_to_duration
+
+        pad_to_duration(SyntheticConfig.model_validate_json(config["synthetic"]), config["trial_key"],
+                        int(config["seed"]), started_at)
+    return {**result, "cached": 0, "started_at": started_at, "ended_at": time.time()}
 
 
 def _cache_path(config: dict) -> Path | None:
