@@ -225,7 +225,7 @@ class PredictorConfig(_Cfg):
     max_steps: int = Field(default=16, ge=1, description="encoding pads schedules to this many steps")
     probes: bool = Field(default=True, description="add each schedule's errors on analytic probe problems to its encoding")
     weight_decay: float = Field(default=0.03, ge=0)
-    max_train: int = Field(default=2000, ge=2, description=(
+    max_train: int = Field(default=1000, ge=2, description=(
         "results one stage trains on at most (beyond: per NFE the best quarter and a seeded sample of the "
         "rest), so planning costs no more at 10,000 results than at this many"))
 

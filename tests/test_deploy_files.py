@@ -25,6 +25,9 @@ VERSION = re.search(r'^version = "(.+)"$', PYPROJECT, re.M)[1]
 IMAGE = f"s3-ray:{VERSION}"
 RAY_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 MLFLOW_PORT = 5000
+# MLflow's backend store in compose and on Kubernetes: the official image of the PostgreSQL major version
+# tests/test_postgres_tracking.py runs against (Debian 12's package)
+POSTGRES_IMAGE, POSTGRES_PORT = "postgres:15", 5432
 
 
 def compose():
@@ -56,6 +59,20 @@ def s3_args(argv):
     argv = shlex.split(argv) if isinstance(argv, str) else list(argv)
     assert argv[0] == "s3", argv
     return build_parser().parse_args(argv[1:])
+
+
+def backend_uri(args):
+    """The parsed ``--backend-store-uri`` of an ``s3 mlflow-server`` command: a PostgreSQL URL with no password."""
+    from sqlalchemy.engine import make_url
+
+    from s3_ray.tracking.server import BACKEND_SCHEMES, redact
+
+    assert args.backend_store_uri, "the shared MLflow server should use PostgreSQL (--backend-store-uri)"
+    url = make_url(args.backend_store_uri)
+    assert url.drivername in BACKEND_SCHEMES and url.drivername.startswith("postgresql"), url
+    assert url.password is None and redact(args.backend_store_uri) == args.backend_store_uri, \
+        "the password must come from PGPASSWORD (a secret), not from the command line"
+    return url
 
 
 def in_image(path: str):
@@ -119,8 +136,9 @@ def test_dockerfile_base_workdir_and_copies():
 def test_compose_services_image_ports_health():
     c = compose()
     s = c["services"]
-    assert {"mlflow", "ray-head", "ray-worker", "ray-worker-gpu"} <= set(s)
-    assert {svc["image"] for svc in s.values()} == {IMAGE}
+    assert {"postgres", "mlflow", "ray-head", "ray-worker", "ray-worker-gpu"} <= set(s)
+    assert {svc["image"] for n, svc in s.items() if n != "postgres"} == {IMAGE}
+    assert s["postgres"]["image"] == POSTGRES_IMAGE
     assert s["mlflow"]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     # published ports: only on the host's loopback
     for name, svc in s.items():
@@ -141,16 +159,17 @@ def test_compose_services_image_ports_health():
     assert f"127.0.0.1:{MLFLOW_PORT}/health" in health["mlflow"]
     assert f"127.0.0.1:{RAY_PORTS['dashboard']}/api/gcs_healthz" in health["ray-head"]
     assert "/api/local_raylet_healthz" in health["ray-worker"] and "/api/local_raylet_healthz" in health["ray-worker-gpu"]
+    assert health["postgres"].startswith("CMD pg_isready -h 127.0.0.1")  # the real server, not initdb's socket-only one
     # token auth on every Ray node; the GPU worker reserves NVIDIA devices and is opt-in
     for n in ("ray-head", "ray-worker", "ray-worker-gpu"):
         env = s[n]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env["RAY_AUTH_TOKEN"]
     gpu = s["ray-worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-    assert set(c["volumes"]) == {"runs", "mlflow"}
+    assert set(c["volumes"]) == {"runs", "mlflow", "postgres"}
     # named volumes are mounted on directories the image creates for its non-root user (else root-owned)
     made = re.search(r"mkdir -p ([^&]+)&& chown ray:ray", (DOCKER / "Dockerfile").read_text().replace("\\\n", " "))
-    for svc in s.values():
+    for svc in (svc for svc in s.values() if svc["image"] == IMAGE):
         for v in svc.get("volumes", []):
             name, path = v.split(":")[:2]
             if name in c["volumes"]:
@@ -163,6 +182,27 @@ def test_compose_mlflow_command_is_ours():
     assert a.cmd == "mlflow-server" and a.port == MLFLOW_PORT and a.host == "0.0.0.0"
     # other containers call it http://mlflow:5000: that Host header must be allowed
     assert f"mlflow:{MLFLOW_PORT}" in a.allowed_hosts.split(",")
+
+
+def test_compose_mlflow_stores_runs_in_postgres():
+    s = compose()["services"]
+    pg, mlflow = s["postgres"], s["mlflow"]
+    url = backend_uri(s3_args(mlflow["command"]))
+    # the URI names the postgres service, its port, and the user and database the image creates
+    assert (url.host, url.port) == ("postgres", POSTGRES_PORT)
+    assert url.username == pg["environment"]["POSTGRES_USER"] and url.database == pg["environment"]["POSTGRES_DB"]
+    # one password, from the environment of `docker compose` (never written in the file): PostgreSQL sets it,
+    # MLflow's libpq reads it as PGPASSWORD
+    var = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", pg["environment"]["POSTGRES_PASSWORD"])
+    assert var, pg["environment"]["POSTGRES_PASSWORD"]
+    assert mlflow["environment"]["PGPASSWORD"] == pg["environment"]["POSTGRES_PASSWORD"]
+    assert var[1] in (DOCKER / "README.md").read_text() and var[1] in (DOCKER / "compose.yaml").read_text().split("\n\n")[0]
+    # MLflow starts once the database accepts connections (s3 mlflow-server connects to it first); the
+    # database is not published on the host and keeps its data on a named volume
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "ports" not in pg and "postgres:/var/lib/postgresql/data" in pg["volumes"]
+    assert "mlflow:/mlflow" in mlflow["volumes"]  # the artifacts
+    assert s["ray-head"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
 
 
 # ---- cluster launcher -----------------------------------------------------------------------------
@@ -245,19 +285,40 @@ def test_kuberay_rayjob_runs_our_search():
     assert cfg.resources.gpu > 0  # the GPU space
 
 
-def test_kuberay_mlflow_and_storage():
+def _mlflow_docs():
     docs = kube("mlflow.yaml")
-    kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"PersistentVolumeClaim", "Deployment", "Service"}
-    svc, dep = kinds["Service"], kinds["Deployment"]
-    assert svc["metadata"]["name"] == "mlflow" and svc["spec"]["type"] == "ClusterIP"
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert len(by) == len(docs)
+    return by
+
+
+def _selects(svc, workload):
+    """The Service's selector picks the workload's pods (and the workload's own selector matches them too)."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    return svc["spec"]["selector"].items() <= labels.items()
+
+
+def _secret_env(container, name):
+    (e,) = [e for e in container["env"] if e["name"] == name]
+    assert "value" not in e, f"{name} is written in the manifest"
+    ref = e["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_kuberay_mlflow_and_storage():
+    by = _mlflow_docs()
+    assert set(by) == {("PersistentVolumeClaim", "s3-mlflow"), ("Deployment", "mlflow"), ("Service", "mlflow"),
+                       ("StatefulSet", "mlflow-postgres"), ("Service", "mlflow-postgres")}
+    svc, dep = by["Service", "mlflow"], by["Deployment", "mlflow"]
+    assert svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["ports"][0]["port"] == MLFLOW_PORT and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["image"] == IMAGE and c["ports"][0]["containerPort"] == MLFLOW_PORT
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": MLFLOW_PORT}
     a = s3_args(c["command"])
     assert a.cmd == "mlflow-server" and a.port == MLFLOW_PORT and f"mlflow:{MLFLOW_PORT}" in a.allowed_hosts.split(",")
-    assert dep["spec"]["replicas"] == 1  # sqlite: one writer
+    assert dep["spec"]["replicas"] == 1  # its artifacts volume is ReadWriteOnce
     claims = {d["metadata"]["name"]: d for d in kube("storage.yaml")}
     assert claims["s3-runs"]["spec"]["accessModes"] == ["ReadWriteMany"]
     used = {vol["persistentVolumeClaim"]["claimName"] for f in ("raycluster.yaml", "rayjob.yaml", "mlflow.yaml")
@@ -265,9 +326,43 @@ def test_kuberay_mlflow_and_storage():
     assert used == set(claims) | {"s3-mlflow"}
 
 
+def test_kuberay_mlflow_stores_runs_in_postgres():
+    by = _mlflow_docs()
+    dep, sts, pg_svc = by["Deployment", "mlflow"], by["StatefulSet", "mlflow-postgres"], by["Service", "mlflow-postgres"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    url = backend_uri(s3_args(c["command"]))
+    # the URI names the PostgreSQL Service and port; the Service selects the StatefulSet's pod, which
+    # listens there; user and database are the ones the image creates
+    assert (url.host, url.port) == (pg_svc["metadata"]["name"], POSTGRES_PORT)
+    assert pg_svc["spec"]["type"] == "ClusterIP" and pg_svc["spec"]["ports"][0]["port"] == POSTGRES_PORT
+    assert _selects(pg_svc, sts) and not _selects(by["Service", "mlflow"], sts) and not _selects(pg_svc, dep)
+    assert sts["spec"]["serviceName"] == pg_svc["metadata"]["name"] and sts["spec"]["replicas"] == 1
+    (pg,) = sts["spec"]["template"]["spec"]["containers"]
+    assert pg["image"] == POSTGRES_IMAGE and pg["ports"][0]["containerPort"] == POSTGRES_PORT
+    env = {e["name"]: e.get("value") for e in pg["env"]}
+    assert (url.username, url.database) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    # one password, in a Secret that no file here holds: PostgreSQL sets it, MLflow's libpq reads PGPASSWORD
+    secret = _secret_env(pg, "POSTGRES_PASSWORD")
+    assert _secret_env(c, "PGPASSWORD") == secret
+    for f in KUBERAY.glob("*.yaml"):
+        assert not any(d["kind"] == "Secret" for d in kube(f.name)), f"{f.name} holds a Secret"
+    assert f"kubectl create secret generic {secret[0]} --from-literal={secret[1]}=" in \
+        " ".join((KUBERAY / "mlflow.yaml").read_text().replace("\\\n#", " ").split())
+    # its data on a volume of its own (PGDATA below the mount point: a fresh volume holds lost+found)
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (mount,) = [m for m in pg["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert env["PGDATA"].startswith(mount["mountPath"] + "/")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert pg[probe]["exec"]["command"][:3] == ["pg_isready", "-h", "127.0.0.1"]
+    # MLflow waits for the database (s3 mlflow-server exits at once if it cannot connect)
+    (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+    assert init["image"] == POSTGRES_IMAGE and f"pg_isready -h {url.host} -p {url.port}" in " ".join(init["command"])
+
+
 def test_one_image_everywhere():
     images = {*(svc["image"] for svc in compose()["services"].values()), cluster()["docker"]["image"]}
     for f in ("raycluster.yaml", "rayjob.yaml", "mlflow.yaml"):
         images |= {i for d in kube(f) for i in walk(d, "image")}
-    assert images == {IMAGE}
+    assert images == {IMAGE, POSTGRES_IMAGE}  # ours, and MLflow's database
     assert f"-t {IMAGE}" in (DOCKER / "Dockerfile").read_text() and IMAGE in (DOCKER / "README.md").read_text()
