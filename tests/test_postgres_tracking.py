@@ -132,7 +132,9 @@ def test_search_logs_every_trial_once_to_a_postgres_backed_server(pg, tmp_path):
     uri = server.client_uri("127.0.0.1", port)
     try:
         assert server.wait_healthy(uri, 180, proc), log.read_text()[-3000:]
-        assert f"backend postgresql://{pg.user}:***@127.0.0.1:{pg.port}/mlflow" in log.read_text()
+        # /health answers before `s3 mlflow-server` (which polls it) prints its ready line: wait for the line
+        ready = f"backend postgresql://{pg.user}:***@127.0.0.1:{pg.port}/mlflow"
+        assert wait_for(lambda: ready in log.read_text(), 30, 0.1), log.read_text()[-3000:]
         space = write_space(tmp_path, name="pg", budget=8)
         try:
             r = subprocess.run(search_cmd(space, tmp_path / "runs", "--mlflow-uri", uri), env=search_env(tmp_path),
