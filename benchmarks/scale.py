@@ -101,12 +101,12 @@ def real_child(workers: int, per_worker: int, out: Path) -> None:
 
 def waits_from_suggests(suggests: list) -> list:
     """Wait intervals (start, end, why) from the per-call reasons of suggest (None: it proposed)."""
-    out, since, why = [], None, None
-    for t, w in suggests:
-        if w != why:
-            if why is not None:
-                out.append((since, t, why))
-            since, why = t, w
+    from s3_ray.search.simulate import WaitLog
+
+    out = []
+    log = WaitLog(out)
+    for t, why in suggests:
+        log.saw(t, why)
     return out
 
 
@@ -126,11 +126,10 @@ def real_run(workers: int, per_worker: int) -> dict:
     tl = Timeline(workers, trials=[tuple(t) for t in log["trials"]], waits=waits_from_suggests(log["suggests"]),
                   decision_s=log["decision_s"])
     u = utilisation(tl)
-    n_window = sum(1 for s, _ in tl.trials if s <= sorted(s for s, _ in tl.trials)[-1])
     idle_turn = u["idle_share"].get("turnaround", 0.0) * workers * u["window_s"]
     ends = sorted(e for _, e in tl.trials)
     return {"workers": workers, "trials": len(tl.trials), "fit_wall_s": log["wall_s"], "run_wall_s": time.time() - t0,
-            **u, "turnaround_s_per_trial": idle_turn / max(n_window, 1),
+            **u, "turnaround_s_per_trial": idle_turn / max(u["trials_in_window"], 1),
             "trials_per_s": (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan"),
             "decision_p99_ms": _p(log["decision_s"], 99) * 1e3, "planning_s": sum(log["plan"]),
             "mlflow_callback_s": sum(log["mlflow_s"]), "memory_peak_gb": peak}

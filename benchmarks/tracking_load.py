@@ -33,10 +33,8 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from s3_ray.tracking.server import _group_alive  # noqa: E402
+from tests.pg_cluster import Postgres, free_port  # noqa: E402  (the tests' throwaway PostgreSQL)
+
 RESULTS = Path(os.environ.get("S3_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 PROGRESS = Path(tempfile.gettempdir()) / "tracking_load.progress.json"  # the levels so far, during a run
 BREAK_COLLAPSE = 0.5  # a level "collapses" when its logged/s falls below this share of the best lower level
@@ -57,12 +59,6 @@ def _ray_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not os.environ.get("RAY_TMPDIR"):
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="s3tl-ray-", dir="/tmp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fmt(x, spec: str = ".1f") -> str:
@@ -304,14 +300,6 @@ def zygote(n: int, prefix: str, uri: str, workers: int, trials: int, trial_s: fl
     return status
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -337,72 +325,6 @@ def _tree_cpu(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def _pg_bin() -> Path | None:
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / "initdb").is_file():
-            return d
-    found = shutil.which("initdb")
-    return Path(found).resolve().parent if found else None
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1:port (own data dir, one password user), stopped by PID.
-    PostgreSQL refuses to run as root: as root it runs as the package's ``postgres`` user."""
-
-    def __init__(self):
-        import pwd
-
-        self.bin = _pg_bin()
-        if self.bin is None:
-            raise SystemExit("PostgreSQL is not installed: run `make postgres` (Debian's postgresql package)")
-        self.dir = Path(tempfile.mkdtemp(prefix="s3pgl-", dir="/tmp"))
-        self.data, self.sock = self.dir / "data", self.dir / "sock"
-        self.sock.mkdir()
-        self.port, self.user, self.password = free_port(), "s3", secrets.token_hex(12)
-        self.as_user = []
-        pwfile = self.dir / "pw"
-        pwfile.write_text(self.password + "\n")
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            for p in (self.dir, self.sock, pwfile):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
-                  "-A", "scram-sha-256", "--no-sync", "-E", "UTF8")
-        pwfile.unlink()
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        self.version = subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True,
-                                      text=True).stdout.strip()
-
-    def _run(self, *cmd):
-        r = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120)
-        if r.returncode:
-            raise RuntimeError(r.stdout + r.stderr)
-
-    def create_db(self, db: str) -> None:
-        import psycopg
-
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                             dbname="postgres", autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{db}"')
-
-    def uri(self, db: str) -> str:
-        """Without the password: MLflow gets it as PGPASSWORD (as the compose file and manifests do)."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{db}"
-
-    def stop(self):
-        try:
-            os.kill(self.pid, signal.SIGINT)  # "fast" shutdown of the postmaster we started
-        except ProcessLookupError:
-            pass
-        end = time.time() + 30
-        while time.time() < end and Path(f"/proc/{self.pid}").exists():
-            time.sleep(0.2)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Server:
@@ -643,9 +565,10 @@ def bench(a) -> dict:
             try:
                 if kind == "postgres":
                     pg = Postgres()
-                    pg.create_db("mlflow")
-                    out["versions"]["postgres"] = pg.version
-                    srv = Server(work / "pg-server", pg.uri("mlflow"), env={"PGPASSWORD": pg.password})
+                    with pg.connect() as c:
+                        c.execute('CREATE DATABASE "mlflow"')
+                    out["versions"]["postgres"] = pg.version()
+                    srv = Server(work / "pg-server", pg.uri_without_password("mlflow"), env={"PGPASSWORD": pg.password})
 
                     def cpu_of(srv=srv, pg=pg):
                         return srv.cpu() + _tree_cpu(pg.pid)

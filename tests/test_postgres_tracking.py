@@ -4,88 +4,25 @@ search logs to the server; every trial must be in the database exactly once. Pos
 run as root, so as root it runs as the ``postgres`` user the package creates. It is stopped by the
 PID in its postmaster.pid (never by name)."""
 
-import os
-import pwd
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from s3_ray.tracking import server
 
+from .pg_cluster import Postgres, free_port
 from .search_helpers import search_cmd, search_env, stop_test_ray, wait_for, write_space
-from .test_mlflow_outage import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _pg_bin() -> Path | None:
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / "initdb").is_file():
-            return d
-    found = shutil.which("initdb")
-    return Path(found).resolve().parent if found else None
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1:port with one password-protected user."""
-
-    def __init__(self):
-        self.bin = _pg_bin()
-        if self.bin is None:
-            pytest.fail("PostgreSQL is not installed: run `make postgres` (Debian's postgresql package)")
-        self.dir = Path(tempfile.mkdtemp(prefix="s3pg-", dir="/tmp"))
-        self.data, self.sock = self.dir / "data", self.dir / "sock"
-        self.sock.mkdir()
-        self.port, self.user, self.password = free_port(), "s3", secrets.token_hex(12)
-        self.as_user = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            for p in (self.dir, self.sock):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        pwfile = self.dir / "pw"
-        pwfile.write_text(self.password + "\n")
-        if self.as_user:
-            os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
-                  "-A", "scram-sha-256", "--no-sync", "-E", "UTF8")
-        pwfile.unlink()
-        self.log = self.dir / "log"
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def _run(self, *cmd):
-        r = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    def uri(self, db: str = "postgres", password: str | None = None) -> str:
-        return f"postgresql://{self.user}:{password or self.password}@127.0.0.1:{self.port}/{db}"
-
-    def connect(self, db: str = "postgres"):
-        import psycopg
-
-        return psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=db,
-                               autocommit=True)
-
-    def stop(self):
-        try:
-            os.kill(self.pid, signal.SIGINT)  # "fast" shutdown of the postmaster we started
-        except ProcessLookupError:
-            pass
-        wait_for(lambda: not Path(f"/proc/{self.pid}").exists(), 30, 0.2)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def pg():
-    p = Postgres()
+    try:
+        p = Postgres()
+    except RuntimeError as e:
+        pytest.fail(str(e))
     try:
         yield p
     finally:

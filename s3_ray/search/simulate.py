@@ -36,7 +36,7 @@ class Timeline:
     planning_s: float = 0.0
 
 
-class _WaitLog:
+class WaitLog:
     """Turns the reason of each suggest call (None while it proposed) into wait intervals."""
 
     def __init__(self, waits: list):
@@ -89,7 +89,7 @@ def simulate(cfg: SearchConfig, workers: int, *, algo: str = "s3", turnaround_s:
     searcher.submit_plan = lambda fn, *args: _SimFuture(clock, fn, args)
     target = None
     running: list[tuple[float, int, str, dict, float]] = []  # heap of (slot free at, seq, trial id, config, start)
-    waits, free, seq, finished = _WaitLog(tl.waits), workers, 0, False
+    waits, free, seq, finished = WaitLog(tl.waits), workers, 0, False
 
     def call(fn, *args):
         clock.excluded = 0.0
@@ -168,11 +168,12 @@ def utilisation(tl: Timeline) -> dict:
             ei += 1
         while wi < len(waits) and waits[wi][1] <= a:
             wi += 1
-        why = next((w[2] for w in waits[wi:wi + 4] if w[0] <= a < w[1]), None)
+        why = waits[wi][2] if wi < len(waits) and waits[wi][0] <= a else None  # waits do not overlap
         dt = b - a
         busy_s += min(busy, tl.workers) * dt
         cause = {"results": "stage barrier", "planning": "planning"}.get(why, "turnaround")
         idle[cause] += max(tl.workers - busy, 0) * dt
     slot_s = tl.workers * (t1 - t0)
     return {"utilisation": busy_s / slot_s if slot_s else float("nan"), "window_s": t1 - t0,
+            "trials_in_window": sum(1 for s in starts if t0 <= s <= t1),
             "idle_share": {k: v / slot_s for k, v in idle.items()} if slot_s else {}}
