@@ -124,15 +124,21 @@ def test_nfe_formula_counts_last_corrector_and_implicit():
     assert SolverSchedule.from_dict(d3).nfe() == base + 1
 
 
-# The release schedules s3-ray runs; every other one uses a feature it does not implement yet.
+# The release schedules s3-ray runs (10 of them with DPM-Solver-v3 steps); the other 26 scale their
+# networks' skip connections, which is not a solver decision.
 IMPORTABLE = {"imagenet256/imagenet256_nfe4", "latent_diffusion/lsun_nfe6", "latent_diffusion/lsun_nfe9",
-              "score_sde/cifar10_sde_nfe9"}
+              "score_sde/cifar10_sde_nfe9", "edm/cifar10_edm_nfe3", "edm/cifar10_edm_nfe4", "edm/cifar10_edm_nfe5",
+              "latent_diffusion/lsun_nfe10", "latent_diffusion/lsun_nfe5",
+              "latent_diffusion/lsun_nfe7", "latent_diffusion/lsun_nfe8", "latent_diffusion/stable_diffusion_nfe7",
+              "score_sde/cifar10_sde_nfe3", "score_sde/cifar10_sde_nfe8"}
+SKIP_REASON = ("skip_coefficients: non-trivial skip coefficients (scales on the release's own networks' skip "
+               "connections, not solver decisions) are not supported")
 
 
 def test_release_schedules_import_exactly_the_supported_set_and_refusals_give_the_reason():
     release = load_release()
     assert len(release) == 40 and IMPORTABLE <= set(release)
-    imported = set()
+    imported, with_v3 = set(), set()
     for key, entry in release.items():
         raw = entry["schedule"]
         skip = any(float(c) != 1.0 for c in raw.get("skip_coefficients") or [])
@@ -140,18 +146,17 @@ def test_release_schedules_import_exactly_the_supported_set_and_refusals_give_th
         try:
             s = import_release(key)
         except NotSupportedYet as e:
-            msg = str(e)
-            # the reason, read from the release's own fields: skip coefficients first, else the first v3 step
-            want = ("skip_coefficients: non-trivial skip coefficients are not supported yet" if skip
-                    else f"steps[{v3[0]}].prediction: dpmsolver_v3_prediction is not supported yet")
-            assert msg == want, (key, msg)
+            assert skip and str(e) == SKIP_REASON, (key, str(e))
             continue
-        assert not skip and not v3, key
+        assert not skip, key
         assert s.nfe() == claimed_nfe(key), key
         assert s.times == [float(t) for t in raw["timesteps"]], key
         assert [st.order for st in s.steps] == raw["orders"], key
+        assert [i for i, st in enumerate(s.steps) if st.prediction == "dpmsolver_v3"] == v3, key
         imported.add(key)
+        with_v3 |= {key} if v3 else set()
     assert imported == IMPORTABLE
+    assert len(imported) == 14 and len(with_v3) == 10, (len(imported), len(with_v3))
 
 
 def test_release_import_is_runnable(tmp_path):

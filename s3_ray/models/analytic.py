@@ -1,7 +1,7 @@
 """Analytic data distributions with exact denoisers, for testing solvers against exact answers.
 
-``GaussianData``: x0 ~ N(mu, diag(s^2)); the probability-flow ODE is linear and solved in closed
-form: x_t = alpha_t mu + sqrt(v_t / v_s) (x_s - alpha_s mu), v = alpha^2 s^2 + sigma^2.
+``GaussianData``: x0 ~ N(mu, U diag(s^2) U^T); the probability-flow ODE is linear and solved in closed
+form along the axes U: x_t = alpha_t mu + U sqrt(v_t / v_s) U^T (x_s - alpha_s mu), v = alpha^2 s^2 + sigma^2.
 ``GaussianMixture``: isotropic components; exact posterior-mean denoiser; reference solution by a
 tight-tolerance adaptive ODE solve (scipy DOP853) of d(x/alpha)/dlambda = -e^-lambda eps.
 Tensors of any shape [batch, ...] are flattened to [batch, d] internally.
@@ -16,10 +16,20 @@ from s3_ray.usf.noise import NoiseSchedule
 
 
 class GaussianData:
-    def __init__(self, noise: NoiseSchedule, mean, var):
+    """x0 = mean + U z, z ~ N(0, diag(var)); U = ``basis`` (an orthogonal [d, d] matrix, default the
+    identity) rotates the axes, so the covariance may be full."""
+
+    def __init__(self, noise: NoiseSchedule, mean, var, basis=None):
         self.noise = noise
         self.mean = torch.as_tensor(mean, dtype=torch.float64)
         self.var = torch.as_tensor(var, dtype=torch.float64)
+        self.basis = None if basis is None else torch.as_tensor(basis, dtype=torch.float64)
+
+    def _to_axes(self, xf):  # coordinates along the principal axes
+        return xf if self.basis is None else xf @ self.basis
+
+    def _from_axes(self, yf):
+        return yf if self.basis is None else yf @ self.basis.T
 
     def denoise(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """E[x0 | x_t = x]."""
@@ -27,7 +37,7 @@ class GaussianData:
         shape = x.shape
         xf = x.reshape(shape[0], -1).to(torch.float64)
         mu, v = self.mean.expand_as(xf[0]), self.var.expand_as(xf[0])
-        x0 = mu + a * v / (a * a * v + s * s) * (xf - a * mu)
+        x0 = mu + self._from_axes(a * v / (a * a * v + s * s) * self._to_axes(xf - a * mu))
         return x0.reshape(shape).to(x.dtype)
 
     def net(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,7 +52,14 @@ class GaussianData:
         a_s, s_s = float(self.noise.alpha(t_s)), float(self.noise.sigma(t_s))
         a_t, s_t = float(self.noise.alpha(t)), float(self.noise.sigma(t))
         ratio = torch.sqrt((a_t**2 * var + s_t**2) / (a_s**2 * var + s_s**2))
-        return (a_t * mu + ratio * (xf - a_s * mu)).reshape(shape)
+        return (a_t * mu + self._from_axes(ratio * self._to_axes(xf - a_s * mu))).reshape(shape)
+
+    def marginal(self, n: int, t: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact samples of x_t (the forward process's marginal at t)."""
+        a, s = float(self.noise.alpha(t)), float(self.noise.sigma(t))
+        d = self.mean.numel() if self.mean.ndim else self.var.numel()
+        z = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        return a * self.mean + self._from_axes(z * torch.sqrt(a * a * self.var + s * s))
 
 
 class GaussianMixture:

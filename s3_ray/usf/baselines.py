@@ -1,4 +1,4 @@
-"""Baseline solvers as schedules: DDIM, DPM-Solver(++) multistep and singlestep, UniPC, iPNDM.
+"""Baseline solvers as schedules: DDIM, DPM-Solver(++) multistep and singlestep, UniPC, iPNDM, DPM-Solver-v3.
 
 Every builder returns a SolverSchedule; the sampler has one code path. Time grids come from
 ``discretize`` (time-uniform, logSNR-uniform, time-quadratic, EDM rho; the model-specific Align Your
@@ -263,6 +263,37 @@ def ipndm(noise: NoiseSchedule, nfe: int, *, order: int = 4, prediction: str = "
     return _schedule(noise, times, steps, afs)
 
 
+def _v3_step(t: float, order: int, corrector: bool, pseudo_corrector: bool) -> Step:
+    """DPM-Solver-v3 multistep step: order-p predictor on g from the p - 1 previous points, then (if
+    ``corrector``) its corrector of order p + 1 from the step's start (-2) with the new point -1 first;
+    ``pseudo_corrector``: derivative n from the first n of (-1, -3, -4, ...) (the paper's pseudo-order
+    divided differences), else from all of them."""
+    derivs = tuple(Derivative(points=_points(order)) for _ in range(order - 1))
+    corr = None
+    if corrector:
+        cpts = (-1, *range(-3, -order - 2, -1))
+        corr = Corrector(kind="pseudo", order=order + 1, derivatives=tuple(
+            Derivative(points=cpts[:n] if pseudo_corrector else cpts) for n in range(1, order + 1)))
+    return Step(t=t, prediction="dpmsolver_v3", order=order, derivatives=derivs, corrector=corr)
+
+
+def dpm_solver_v3(noise: NoiseSchedule, nfe: int, *, order: int = 3, discretization: str = "logsnr_uniform",
+                  t_end: float | None = None, afs: str = "none", lower_order_final: bool = False,
+                  corrector: bool = True, pseudo_corrector: bool = True, grid=None, prediction=None) -> SolverSchedule:
+    """DPM-Solver-v3 (Zheng, Lu, Chen, Zhu; NeurIPS 2023): the multistep predictor of order
+    min(order, i + 1) in the EMS parameterisation (usf/ems.py) and, on every step but the last, its
+    pseudo corrector of one order more. Running it needs the model's EMS (``SamplerPlan(..., ems=)``)."""
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f"DPM-Solver-v3 order must be 1..4, got {order}")
+    if prediction not in (None, "dpmsolver_v3"):
+        raise ValueError(f"prediction: DPM-Solver-v3 predicts in its own parameterisation, got {prediction!r}")
+    n = _n_steps(nfe, afs)
+    times = _times(noise, n, discretization, t_end, grid)
+    orders = _ramp(n, order, lower_order_final)
+    steps = [_v3_step(float(times[i + 1]), o, corrector and i < n - 1, pseudo_corrector) for i, o in enumerate(orders)]
+    return _schedule(noise, times, steps, afs)
+
+
 # name -> (builder, fixed keyword arguments). Options (nfe, order, discretization, t_end, afs,
 # lower_order_final, prediction) are passed through.
 BASELINES = {
@@ -282,7 +313,10 @@ BASELINES = {
     "unipc_bh1_3": (unipc, {"variant": "bh1", "order": 3}),
     "unipc_bh2_3": (unipc, {"variant": "bh2", "order": 3}),
     "ipndm": (ipndm, {"order": 4}),
+    "dpm_solver_v3": (dpm_solver_v3, {"order": 3}),  # needs the model's EMS
+    "dpm_solver_v3_2": (dpm_solver_v3, {"order": 2}),
 }
+NEEDS_EMS = ("dpm_solver_v3", "dpm_solver_v3_2")
 
 
 def build_baseline(name: str, noise: NoiseSchedule, nfe: int, **options) -> SolverSchedule:

@@ -1,9 +1,10 @@
 """Import the public USF release's searched schedules (field names as in the release).
 
-Supported: noise/data prediction, multistep/singlestep start points, Difference_K derivative
-estimates with optional linear relaxation, pseudo/implicit correctors, AFS none/zero/average.
-Rejected with a "not supported yet" message: ``dpmsolver_v3_prediction`` steps and non-trivial
-skip coefficients (both need model-specific statistics this project does not have yet).
+Supported: noise/data/DPM-Solver-v3 prediction, multistep/singlestep start points, Difference_K
+derivative estimates with optional linear relaxation, pseudo/implicit correctors, AFS none/zero/average.
+``dpmsolver_v3_prediction`` steps run with the target model's EMS (usf/ems.py; the release ships its own
+statistics for its models, which we do not have: we compute ours). Rejected with a "not supported yet"
+message: non-trivial skip coefficients (model-specific scales of the release's own search).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .schedule import ScheduleError, SolverSchedule, read_json
 
 # Which noise schedule each model family of the release uses (see the data file's "source").
 RELEASE_NOISE = {"edm": "edm", "score_sde": "vp_linear", "imagenet256": "vp_discrete", "latent_diffusion": "vp_discrete"}
-_PRED = {"noise_prediction": "noise", "data_prediction": "data"}
+_PRED = {"noise_prediction": "noise", "data_prediction": "data", "dpmsolver_v3_prediction": "dpmsolver_v3"}
 _AFS = {"no_afs": "none", "zero_x0": "zero_x0", "average_x0": "mean_x0", None: "none", False: "none"}
 
 
@@ -44,7 +45,8 @@ def claimed_nfe(key: str) -> int | None:
 
 def _derivative(d, where: str, prediction: str) -> dict:
     """One derivative spec. The release's ``linear`` relaxation is R = 1 + c h (h > 0, the step in
-    lambda) for both prediction types; ours is R = 1 + slope h~ with h~ = -h for data prediction."""
+    lambda) for every prediction type; ours is R = 1 + slope h~ with h~ = -h for data prediction (h for
+    noise and dpmsolver_v3)."""
     if not isinstance(d, dict):
         raise ScheduleError(f"{where}: expected an object, got {type(d).__name__}")
     pts = d.get("active_points")
@@ -117,15 +119,14 @@ def import_release_schedule(entry, noise_schedule: str) -> SolverSchedule:
     if skip is not None and not isinstance(skip, list):
         raise ScheduleError(f"skip_coefficients: expected a list, got {type(skip).__name__}")
     if skip is not None and any(_number(c, "skip_coefficients") != 1.0 for c in skip):
-        raise NotSupportedYet("skip_coefficients: non-trivial skip coefficients are not supported yet")
+        raise NotSupportedYet("skip_coefficients: non-trivial skip coefficients (scales on the release's own "
+                              "networks' skip connections, not solver decisions) are not supported")
     afs = s.get("afs")
     if not isinstance(afs, (str, bool, type(None))) or afs not in _AFS:
         raise ScheduleError(f"afs: unknown value {afs!r}"[:200])
     steps = []
     for i in range(len(ts) - 1):
         pred, start, derivs = f["prediction_types"][i], f["start_points"][i], f["derivative_types"][i]
-        if pred == "dpmsolver_v3_prediction":
-            raise NotSupportedYet(f"steps[{i}].prediction: dpmsolver_v3_prediction is not supported yet")
         if not isinstance(pred, str) or pred not in _PRED:
             raise ScheduleError(f"prediction_types[{i}]: unknown prediction type {pred!r}"[:200])
         if not isinstance(derivs, list):

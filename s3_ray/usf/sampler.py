@@ -6,6 +6,8 @@ per (schedule, noise schedule) in float64 and folded into plain linear combinati
     x_t = a * x_start + sum_j b_j * F_j,   F_j = eps_j (noise prediction) or x0_j (data prediction)
 
 so running a schedule costs one fused multiply-add per history term and step, in the model's dtype.
+DPM-Solver-v3 steps (prediction ``dpmsolver_v3``, usf/ems.py) fold the same way, with per-dimension
+coefficients and a constant: x_t = a * x_start + sum_j b_j * f_j + c, f_j = (sigma_j eps_j - l_j x_j) / alpha_j.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ems import EMS
 from .noise import NoiseSchedule
 from .schedule import Corrector, Derivative, Relaxation, ScheduleError, SolverSchedule
 
@@ -75,15 +78,18 @@ def derivative_weights(deltas: np.ndarray, d: int) -> np.ndarray:
 # the plan: per-step linear combinations
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Update:
-    """x_new = a * x[start] + sum(b * F[j]) over (j, b) in terms; F = eps or x0 by ``use_x0``.
+    """x_new = a * x[start] + sum(b * F[j]) over (j, b) in terms (+ bias); F = eps or x0 by ``use_x0``,
+    or f with ``use_f`` (DPM-Solver-v3: then a, b and bias are float64 tensors of one sample's shape).
     Indices are absolute history positions."""
 
     start: int
-    a: float
+    a: float | torch.Tensor
     use_x0: bool
-    terms: tuple[tuple[int, float], ...]
+    terms: tuple[tuple[int, float | torch.Tensor], ...]
+    use_f: bool = False
+    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,51 @@ def _update(pred: str, order: int, derivs: tuple[Derivative, ...], combine: str,
     return Update(start=s, a=float(a), use_x0=(pred == "data"), terms=terms)
 
 
+def _update_v3(order: int, derivs: tuple[Derivative, ...], start: int, n_hist: int, target: int,
+               lams, alphas, ems: EMS) -> Update:
+    """Coefficients of one DPM-Solver-v3 update (usf/ems.py): y = x / alpha,
+    y_t = e^(L_s - L_t) [y_s - sum_n J_n R_n g^(n)(lambda_s) - K], J_n = int_s^t e^(Phi - Phi_s) (u - lambda_s)^n / n!,
+    K = int_s^t e^(Phi - Phi_s) beta, with g_j = e^(S_s - S_j) f_j - beta(lambda_j) and g^(n) estimated from
+    the g_j as any other derivative (R: linear relaxation with h~ = h)."""
+    s = n_hist + start
+    lam_s, lam_t = lams[s], lams[target]
+    h = lam_t - lam_s
+    L_s, L_t, S_s = ems.L(lam_s), ems.L(lam_t), ems.S(lam_s)
+    phi_s = L_s + S_s
+
+    def growth(u):  # e^(Phi(u) - Phi_s)
+        return np.exp(ems.L(u) + ems.S(u) - phi_s)
+
+    def beta(u):  # int_s^u e^(S_s - S) b = e^S_s (B(u) - B_s)
+        return np.exp(S_s) * (ems.B(u) - ems.B(lam_s))
+
+    def J(n: int):
+        return ems.integrate(lambda u: growth(u) * ems._bc((u - lam_s) ** n / math.factorial(n)), lam_s, lam_t)
+
+    P = alphas[target] * np.exp(L_s - L_t)
+    cg: dict[int, np.ndarray] = {s: -P * J(0)}  # coefficients of g_j
+    for n, d in enumerate(derivs, start=1):
+        idx = [n_hist + p for p in d.points]
+        w = derivative_weights(np.array([lams[j] - lam_s for j in idx]), n)
+        scale = -P * J(n) * relaxation_factor(d.relaxation, h)
+        for j, wj in zip(idx, w):
+            cg[j] = cg.get(j, 0.0) + scale * wj
+        cg[s] = cg[s] - scale * float(w.sum())
+    bias = -P * ems.integrate(lambda u: growth(u) * beta(u), lam_s, lam_t)
+    terms = []
+    for j in sorted(cg):
+        terms.append((j, torch.from_numpy(cg[j] * np.exp(S_s - ems.S(lams[j])))))
+        if j != s:
+            bias = bias - cg[j] * beta(lams[j])
+    a = torch.from_numpy(alphas[target] / alphas[s] * np.exp(L_s - L_t))
+    return Update(start=s, a=a, use_x0=False, terms=tuple(terms), use_f=True, bias=torch.from_numpy(bias))
+
+
+def _uses_v3(schedule: SolverSchedule) -> int | None:
+    """Index of the first dpmsolver_v3 step, or None."""
+    return next((i for i, st in enumerate(schedule.steps) if st.prediction == "dpmsolver_v3"), None)
+
+
 class SamplerPlan:
     """A schedule compiled against a noise schedule: per-step coefficients, ready to run.
 
@@ -159,7 +210,7 @@ class SamplerPlan:
     0 for the call at t_start (absent with AFS), i + 1 after step i, twice for an implicit
     corrector; ``len(eval_entries) == nfe()``."""
 
-    def __init__(self, schedule: SolverSchedule, noise: NoiseSchedule):
+    def __init__(self, schedule: SolverSchedule, noise: NoiseSchedule, ems: EMS | None = None):
         if schedule.noise_schedule != noise.name:
             raise ScheduleError(
                 f"noise_schedule: the schedule is for {schedule.noise_schedule!r}, the model uses {noise.name!r}"
@@ -177,16 +228,34 @@ class SamplerPlan:
         self.lambdas = lam
         self.alphas = [float(v) for v in noise.alpha(np.array(times))]
         self.sigmas = [float(v) for v in noise.sigma(np.array(times))]
+        self.ems = ems if _uses_v3(schedule) is not None else None
+        if self.ems is None and _uses_v3(schedule) is not None:
+            raise ScheduleError(f"steps[{_uses_v3(schedule)}].prediction: 'dpmsolver_v3' needs the model's empirical "
+                                "model statistics (EMS, usf/ems.py); none were given for this model")
+        if self.ems is not None:
+            for i, v in enumerate(lam):
+                if not self.ems.covers(v):
+                    where = "t_start" if i == 0 else f"steps[{i - 1}].t"
+                    raise ScheduleError(f"{where}: t={times[i]!r} (lambda {v:.6g}) is outside the EMS grid "
+                                        f"[{self.ems.lambdas[0]:.6g}, {self.ems.lambdas[-1]:.6g}]")
+            # l at every history entry, for f_j = (sigma_j eps_j - l_j x_j) / alpha_j
+            self.l_at = [torch.from_numpy(np.ascontiguousarray(self.ems.interp(self.ems.l, v))) for v in lam]
         last = len(schedule.steps) - 1
         steps = []
         coeffs = (self.lambdas, self.alphas, self.sigmas)
+
+        def update(pred, order, derivs, combine, start, n_hist, target):
+            if pred == "dpmsolver_v3":
+                return _update_v3(order, derivs, start, n_hist, target, self.lambdas, self.alphas, self.ems)
+            return _update(pred, order, derivs, combine, start, n_hist, target, *coeffs)
+
         for i, st in enumerate(schedule.steps):
             # Before step i the history holds entries 0..i; its corrector also sees entry i + 1.
-            pred = _update(st.prediction, st.order, st.derivatives, st.combine, st.start, i + 1, i + 1, *coeffs)
+            pred = update(st.prediction, st.order, st.derivatives, st.combine, st.start, i + 1, i + 1)
             corr, implicit = None, False
             if st.corrector is not None:
                 c: Corrector = st.corrector
-                corr = _update(st.prediction, c.order, c.derivatives, c.combine, st.start - 1, i + 2, i + 1, *coeffs)
+                corr = update(st.prediction, c.order, c.derivatives, c.combine, st.start - 1, i + 2, i + 1)
                 implicit = c.kind == "implicit"
             steps.append(PlannedStep(t=st.t, predictor=pred, corrector=corr, implicit=implicit,
                                      evaluate=(i < last) or st.corrector is not None))
@@ -204,6 +273,7 @@ class SamplerPlan:
             for i, ps in enumerate(steps))
         updates = [u for ps in steps for u in (ps.predictor, ps.corrector) if u is not None]
         self.needs_x0 = any(u.use_x0 for u in updates)
+        self.needs_f = any(u.use_f for u in updates)
         # The history entry (index into ``times``) of each model call, in call order.
         calls = [0] if schedule.afs == "none" else []
         for i, ps in enumerate(self.steps):
@@ -237,6 +307,14 @@ class SamplerPlan:
             return None
         return torch.add(x, eps, alpha=-self.sigmas[j]).mul_(1.0 / self.alphas[j])
 
+    def _f(self, x: torch.Tensor, eps: torch.Tensor, j: int) -> torch.Tensor | None:
+        """DPM-Solver-v3's f = (sigma eps - l x) / alpha at history entry j (None when unused)."""
+        if not self.needs_f:
+            return None
+        if tuple(x.shape[1:]) != tuple(self.ems.shape):
+            raise ValueError(f"the EMS are for samples of shape {tuple(self.ems.shape)}, got {tuple(x.shape[1:])}")
+        return (eps * self.sigmas[j] - x * self.l_at[j].to(x)).mul_(1.0 / self.alphas[j])
+
 
 class PlanRun:
     """One run of a SamplerPlan as a resumable state machine, so that a caller who owns the model
@@ -259,6 +337,7 @@ class PlanRun:
         self._xs: list = []
         self._epss: list = []
         self._x0s: list = []
+        self._fs: list = []
         self._step = -1  # the step whose model call is pending (-1: the call at t_start)
         self._implicit = False  # the pending call re-evaluates an implicit corrector's state
         self._started = False
@@ -292,7 +371,7 @@ class PlanRun:
                 raise ValueError("afs='mean_x0' needs the data mean (pass data_mean)")
             x0 = self.data_mean.to(x_T).expand_as(x_T)
             eps = (x_T - a0 * x0) / s0
-        self._epss, self._x0s = [eps], [x0]
+        self._epss, self._x0s, self._fs = [eps], [x0], [plan._f(x_T, eps, 0)]
         return self._predict(0)
 
     def advance(self, eps: torch.Tensor) -> torch.Tensor:
@@ -307,34 +386,36 @@ class PlanRun:
         i = self._step
         j = i + 1  # history index of the pending entry
         if i < 0:  # the model call at t_start
-            self._epss, self._x0s = [eps], [plan._x0(x, eps, 0)]
+            self._epss, self._x0s, self._fs = [eps], [plan._x0(x, eps, 0)], [plan._f(x, eps, 0)]
             return self._predict(0)
-        xs, epss, x0s = self._xs, self._epss, self._x0s
+        xs, epss, x0s, fs = self._xs, self._epss, self._x0s, self._fs
         ps = plan.steps[i]
         if self._implicit:
             epss[j] = eps
             x0s[j] = plan._x0(x, eps, j)
+            fs[j] = plan._f(x, eps, j)
             self._implicit = False
         else:
             xs.append(x)
             epss.append(eps)
             x0s.append(plan._x0(x, eps, j))
+            fs.append(plan._f(x, eps, j))
             if ps.corrector is not None:
-                x = _apply(ps.corrector, xs, epss, x0s)
+                x = _apply(ps.corrector, xs, epss, x0s, fs)
                 xs[j] = x
                 if ps.implicit:
                     self._implicit = True
                     self.pending_input = x
                     return x
         for k in ps.release:
-            xs[k] = epss[k] = x0s[k] = None
+            xs[k] = epss[k] = x0s[k] = fs[k] = None
         if i + 1 == len(plan.steps):  # a corrector on the last step: its corrected state is the result
             return self._finish(x)
         return self._predict(i + 1)
 
     def _predict(self, i: int) -> torch.Tensor:
         ps = self.plan.steps[i]
-        x = _apply(ps.predictor, self._xs, self._epss, self._x0s)
+        x = _apply(ps.predictor, self._xs, self._epss, self._x0s, self._fs)
         if not ps.evaluate:
             return self._finish(x)
         self._step = i
@@ -344,11 +425,16 @@ class PlanRun:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         self.done = True
         self.pending_input = None
-        self._xs = self._epss = self._x0s = []
+        self._xs = self._epss = self._x0s = self._fs = []
         return x
 
 
-def _apply(u: Update, xs, epss, x0s) -> torch.Tensor:
+def _apply(u: Update, xs, epss, x0s, fs=None) -> torch.Tensor:
+    if u.use_f:  # DPM-Solver-v3: per-dimension coefficients
+        out = xs[u.start] * u.a.to(xs[u.start])
+        for j, b in u.terms:
+            out.addcmul_(fs[j], b.to(out))
+        return out.add_(u.bias.to(out))
     F = x0s if u.use_x0 else epss
     out = torch.mul(xs[u.start], u.a)  # a fresh tensor: safe to accumulate in place
     for j, b in u.terms:
@@ -357,6 +443,6 @@ def _apply(u: Update, xs, epss, x0s) -> torch.Tensor:
 
 
 def sample(schedule: SolverSchedule, model: EpsModel, noise: NoiseSchedule, x_T: torch.Tensor,
-           data_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """Convenience: compile ``schedule`` against ``noise`` and run it from ``x_T``."""
-    return SamplerPlan(schedule, noise).run(model, x_T, data_mean)
+           data_mean: torch.Tensor | None = None, ems: EMS | None = None) -> torch.Tensor:
+    """Convenience: compile ``schedule`` against ``noise`` (and ``ems`` for v3 steps) and run it from ``x_T``."""
+    return SamplerPlan(schedule, noise, ems).run(model, x_T, data_mean)

@@ -31,7 +31,7 @@ MAX_FILE_BYTES = 4 * 2**20  # a 1000-step schedule file is about 0.3 MB
 NOISE_NAMES = tuple(sorted([*NOISE_SCHEDULES, "vp_discrete"]))
 T_TOLERANCE = 1e-6  # relative: the release's EDM schedules start at float32(80) = 80.0000076
 
-Prediction = Literal["noise", "data"]
+Prediction = Literal["noise", "data", "dpmsolver_v3"]  # v3: needs the model's EMS (usf/ems.py)
 Combine = Literal["taylor", "bh1", "bh2"]
 
 
@@ -49,7 +49,8 @@ class Relaxation(_Strict):
     ``linear``: R = scale + slope * h~.  Named factors (``scale``/``slope`` unused):
     ``dpmsolver2``/``unipc_bh2``: R = h~ (e^h~ - 1) / (2 (e^h~ - 1 - h~)); ``unipc_bh1``:
     R = h~^2 / (2 (e^h~ - 1 - h~)). Here h~ is the argument of the step's phi-functions:
-    h~ = h for noise prediction and h~ = -h for data prediction (h = lambda_t - lambda_s > 0).
+    h~ = h for noise prediction and h~ = -h for data prediction (h = lambda_t - lambda_s > 0);
+    dpmsolver_v3 steps take only ``linear`` with h~ = h (as the public USF release does).
     """
 
     kind: Literal["linear", "dpmsolver2", "unipc_bh1", "unipc_bh2"] = "linear"
@@ -275,6 +276,19 @@ def _check_points(where: str, derivs, order: int, start: int, history: int, comb
             _fail(f"{where}.derivatives", f"relaxation is not used with combine={combine}")
 
 
+def _check_v3(where: str, st):
+    """DPM-Solver-v3 steps expand g with Taylor terms: no UniPC combination, linear relaxations only."""
+    for w, combine, derivs in ((where, st.combine, st.derivatives),
+                               *(((f"{where}.corrector", st.corrector.combine, st.corrector.derivatives),)
+                                 if st.corrector is not None else ())):
+        if combine != "taylor":
+            _fail(f"{w}.combine", f"prediction 'dpmsolver_v3' uses combine 'taylor', got {combine!r}")
+        for n, d in enumerate(derivs):
+            if d.relaxation.kind != "linear":
+                _fail(f"{w}.derivatives[{n}].relaxation.kind",
+                      f"{d.relaxation.kind!r} is defined for noise/data prediction; dpmsolver_v3 takes 'linear'")
+
+
 @lru_cache(maxsize=8)
 def _noise_by_name(name: str):
     return get_noise_schedule(name)  # ValueError naming the known schedules
@@ -307,6 +321,8 @@ def _validate_schedule(s: SolverSchedule):
             _fail(f"{w}.order", f"order {st.order} needs {st.order} history entries, only {history} available")
         _check_points(w, st.derivatives, st.order, st.start, history, st.combine)
         c = st.corrector
+        if st.prediction == "dpmsolver_v3":
+            _check_v3(w, st)
         if c is not None:
             wc = f"{w}.corrector"
             if c.kind == "implicit" and i == last:
