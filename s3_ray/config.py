@@ -78,7 +78,8 @@ class OperatorConfig(_Cfg):
 class DecisionSpace(_Cfg):
     """Which decisions the search may take."""
 
-    predictions: tuple[Literal["noise", "data"], ...] = ("noise", "data")
+    # "dpmsolver_v3" needs the model's EMS (computed once per model, usf/ems.py): opt in per space
+    predictions: tuple[Literal["noise", "data", "dpmsolver_v3"], ...] = ("noise", "data")
     max_order: int = Field(default=3, ge=1, le=4)
     correctors: tuple[Literal["none", "pseudo", "implicit"], ...] = ("none", "pseudo")
     afs: tuple[Literal["none", "zero_x0", "mean_x0"], ...] = ("none", "zero_x0", "mean_x0")

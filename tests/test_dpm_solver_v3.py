@@ -205,3 +205,54 @@ def test_ems_cache_recomputes_for_another_model_and_for_a_corrupt_file(tmp_path)
         cached_ems(model, noise, x_T, model_hash="m1", **kw)
     assert model.calls == 3 * calls
     assert np.array_equal(load_ems(f1).s, first.s)  # rewritten with the recomputed statistics
+
+
+def test_search_space_with_v3_draws_mutates_and_repairs_valid_v3_steps():
+    from s3_ray.config import DecisionSpace, OperatorConfig
+    from s3_ray.search.space import crossover, mutate, random_schedule_at_nfe, repair
+
+    noise = VPLinear()
+    decisions = DecisionSpace(predictions=("data", "dpmsolver_v3"), max_order=3)
+    ops = OperatorConfig(corrector_probs={"none": 0.5, "pseudo": 0.5})
+    rng = np.random.default_rng(0)
+    pool = [random_schedule_at_nfe(rng, noise, 5, decisions, ops) for _ in range(60)]
+    pool += [mutate(rng, s, noise, decisions, ops) for s in pool[:30]]
+    pool += [crossover(rng, a, b, noise, decisions, ops) for a, b in zip(pool[:20], pool[20:40])]
+    v3 = [st for s in pool for st in s.steps if st.prediction == "dpmsolver_v3"]
+    assert len(v3) > 50 and all(s.nfe() == 5 for s in pool[:60])
+    assert all(st.combine == "taylor" and all(d.relaxation.kind == "linear" for d in st.derivatives) for st in v3)
+    # a UniPC step or a named relaxation turned into v3 is repaired into what v3 takes
+    d = build_baseline("unipc_bh2", noise, 5).model_dump()
+    d["steps"][2]["prediction"] = "dpmsolver_v3"
+    d["steps"][3].update(prediction="dpmsolver_v3", combine="taylor",
+                         derivatives=[{"points": [-2], "relaxation": {"kind": "dpmsolver2"}}])
+    fixed = repair(d, noise, decisions)
+    assert fixed.steps[2].combine == "taylor" and fixed.steps[2].corrector.combine == "taylor"
+    assert fixed.steps[3].derivatives[0].relaxation.model_dump() == {"kind": "linear", "scale": 1.0, "slope": 1 / 6}
+
+
+def test_a_target_computes_its_ems_once_and_scores_v3_schedules(tmp_path, monkeypatch):
+    from s3_ray.config import MetricConfig, ModelConfig
+    from s3_ray.metrics.evaluate import Target, evaluate
+    from s3_ray.search.predictor import encode
+
+    monkeypatch.setenv("S3_CACHE_DIR", str(tmp_path))
+    target = Target(ModelConfig(kind="gmm", noise_schedule="vp_linear"), MetricConfig(kind="rmse"))
+    s = build_baseline("dpm_solver_v3", target.noise, 5)
+    r = evaluate(s, target, n=64, seed=0)
+    assert not r["failed"] and np.isfinite(r["score"]) and r["nfe"] == 5
+    assert len(list((tmp_path / "ems").glob("ems-*.safetensors"))) == 1
+    calls = target.model.calls
+    again = Target(ModelConfig(kind="gmm", noise_schedule="vp_linear"), MetricConfig(kind="rmse"))
+    assert evaluate(s, again, n=64, seed=0)["score"] == r["score"]  # same statistics, read from the cache
+    from s3_ray.metrics.evaluate import EMS_SETTINGS
+    from s3_ray.usf.ems import model_calls
+
+    # not recomputed: the first target made exactly the EMS's calls more (120 trajectory + 61 JVP)
+    assert calls - again.model.calls == model_calls(EMS_SETTINGS["n_grid"], EMS_SETTINGS["probes"]) == 181
+    ddim = evaluate(build_baseline("ddim", target.noise, 5), target, n=64, seed=0)
+    print(f"gmm rmse at 5 NFE: v3 {r['score']:.4f}, DDIM {ddim['score']:.4f}; EMS {calls - again.model.calls} model calls")
+    assert r["score"] < ddim["score"]
+    # the predictor encodes v3 steps without statistics (one-hot + data-prediction coefficients)
+    enc = encode(s, target.noise, max_steps=8)
+    assert np.all(np.isfinite(enc))

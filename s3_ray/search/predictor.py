@@ -34,9 +34,9 @@ from s3_ray.usf.noise import NoiseSchedule
 from s3_ray.usf.sampler import SamplerPlan, phi, relaxation_factor
 from s3_ray.usf.schedule import MAX_ORDER, SolverSchedule
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the dpmsolver_v3 prediction one-hot
 LAMBDA_SCALE = 10.0  # lambda values are divided by this (VP/EDM logSNR spans roughly -10..10)
-_PREDICTIONS = ("noise", "data")
+_PREDICTIONS = ("noise", "data", "dpmsolver_v3")
 _RELAX_KINDS = ("linear", "dpmsolver2", "unipc_bh1", "unipc_bh2")
 _COMBINES = ("taylor", "bh1", "bh2")
 _CORRECTORS = ("none", "pseudo", "implicit")
@@ -96,7 +96,7 @@ def encode(schedule: SolverSchedule, noise: NoiseSchedule, max_steps: int, probe
     if schedule.noise_schedule != noise.name:
         raise ValueError(f"schedule is for noise schedule {schedule.noise_schedule!r}, the predictor uses {noise.name!r}")
     lam = np.asarray(noise.lambda_(np.asarray(schedule.times, dtype=np.float64)), dtype=np.float64)
-    plan = SamplerPlan(schedule, noise)
+    plan = SamplerPlan(_without_v3(schedule), noise)
     n_step = len(STEP_FEATURES)
     out = np.zeros(max_steps * n_step + len(GLOBAL_FEATURES), dtype=np.float64)
     for i, st in enumerate(schedule.steps):
@@ -125,6 +125,18 @@ def encode(schedule: SolverSchedule, noise: NoiseSchedule, max_steps: int, probe
     g += probe_errors(plan) if probes else [0.0] * len(PROBES)
     out[max_steps * n_step:] = g
     return out.astype(np.float32)
+
+
+def _without_v3(schedule: SolverSchedule) -> SolverSchedule:
+    """The schedule with DPM-Solver-v3 steps read as data-prediction steps (v3 with l = 1, s = b = 0):
+    the coefficient and probe features need no model statistics; the step's one-hot says it is v3."""
+    if all(st.prediction != "dpmsolver_v3" for st in schedule.steps):
+        return schedule
+    d = schedule.model_dump()
+    for st in d["steps"]:
+        if st["prediction"] == "dpmsolver_v3":
+            st["prediction"] = "data"
+    return SolverSchedule.model_validate(d)
 
 
 def _amp(u) -> float:

@@ -19,7 +19,15 @@ def check_space(cfg: SearchConfig) -> None:
     """What the fields imply together: a known noise schedule, a final-time range below its T, every
     NFE reachable under the decisions. ValueError names the field. A pipeline's noise schedule is in
     its folder, which may be on a cluster only: ``check_files`` checks those on the driver's machine."""
+    from s3_ray.usf.baselines import NEEDS_EMS
+
     if cfg.model.kind == "diffusers_pipeline":
+        if "dpmsolver_v3" in cfg.decisions.predictions:
+            raise ValueError("decisions.predictions: 'dpmsolver_v3' needs the model's EMS, computed from the model "
+                             "as eps(x, t); a diffusers pipeline samples through its own loop (drop it there)")
+        if set(cfg.baselines) & set(NEEDS_EMS):
+            raise ValueError(f"baselines: {sorted(set(cfg.baselines) & set(NEEDS_EMS))} need the model's EMS, "
+                             "which a diffusers pipeline target does not compute")
         if cfg.model.noise_schedule is not None:
             _noise_by_name(cfg.model.noise_schedule)
         return

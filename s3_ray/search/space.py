@@ -203,6 +203,8 @@ def _repair_corrector(c, step: dict, history: int, last: bool, decisions: Decisi
         return None
     order = max(2, min(_int(c.get("order"), step["order"] + 1), step["order"] + 1, MAX_CORRECTOR_ORDER, history + 1))
     combine = c.get("combine") if c.get("combine") in ("taylor", "bh1", "bh2") else "taylor"
+    if step["prediction"] == "dpmsolver_v3":
+        combine = "taylor"
     raw = c.get("derivatives")
     if not isinstance(raw, (list, tuple)):  # default sets: {a - 1 : a in A_n} + {-1}
         raw = [{"points": (*(a - 1 for a in d["points"]), -1)} for d in step["derivatives"]]
@@ -220,10 +222,18 @@ def _repair_step(s: dict, i: int, t: float, last: bool, decisions: DecisionSpace
         "start": start if -history <= start <= -1 else -1,
         "combine": s.get("combine") if s.get("combine") in ("taylor", "bh1", "bh2") else "taylor",
     }
+    v3 = step["prediction"] == "dpmsolver_v3"
+    if v3:
+        step["combine"] = "taylor"  # v3 expands g in a Taylor series (no UniPC combination)
     raw = s.get("derivatives")
     raw = list(raw) if isinstance(raw, (list, tuple)) else []
     step["derivatives"] = _fit_derivatives(raw, step["order"] - 1, step["start"], history, step["combine"], False)
     step["corrector"] = _repair_corrector(s.get("corrector"), step, history, last, decisions, last_corrector)
+    if v3:
+        for d in step["derivatives"] + (step["corrector"]["derivatives"] if step["corrector"] else []):
+            r = d.get("relaxation") or {}
+            if r.get("kind", "linear") != "linear":  # a named factor becomes its linear expansion
+                d["relaxation"] = {"kind": "linear", "slope": NAMED_SLOPE[r["kind"]]}
     return step
 
 

@@ -299,16 +299,23 @@ def save_ems(ems: EMS, path, key: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
+def ems_cache_path(noise: NoiseSchedule, *, model_hash: str, cache_dir, n_grid: int = 60, samples: int = 512,
+                   probes=1, t_end: float | None = None, seed: int = 0, refine: int = 2) -> tuple[Path, dict]:
+    """(file, key) under which ``cached_ems`` keeps these statistics."""
+    settings = {"n_grid": int(n_grid), "samples": int(samples), "probes": probes, "seed": int(seed),
+                "refine": int(refine), "t_end": None if t_end is None else float(t_end), "version": 1}
+    key = json.loads(json.dumps(_cache_key(model_hash, noise, settings)))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"ems-{digest}.safetensors", key
+
+
 def cached_ems(model, noise: NoiseSchedule, x_T_fn, *, model_hash: str, cache_dir, n_grid: int = 60,
                samples: int = 512, probes=1, t_end: float | None = None, seed: int = 0, refine: int = 2) -> EMS:
     """``compute_ems`` kept in ``cache_dir`` under a name from the model hash and every setting.
     ``x_T_fn(samples, seed)`` gives the starting states. A file that is unreadable, malformed or for
     another key is recomputed (with a warning), never trusted."""
-    settings = {"n_grid": int(n_grid), "samples": int(samples), "probes": probes, "seed": int(seed),
-                "refine": int(refine), "t_end": None if t_end is None else float(t_end), "version": 1}
-    key = json.loads(json.dumps(_cache_key(model_hash, noise, settings)))
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"ems-{digest}.safetensors"
+    path, key = ems_cache_path(noise, model_hash=model_hash, cache_dir=cache_dir, n_grid=n_grid, samples=samples,
+                               probes=probes, t_end=t_end, seed=seed, refine=refine)
     if path.exists():
         try:
             return load_ems(path, key)
