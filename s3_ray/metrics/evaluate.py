@@ -29,7 +29,7 @@ from s3_ray.config import MetricConfig, ModelConfig, check_reference
 from s3_ray.metrics.fid import file_sha256
 from s3_ray.models.adapter import ModelAdapter
 from s3_ray.models.pipeline import noise_for
-from s3_ray.usf.sampler import SamplerPlan
+from s3_ray.usf.sampler import SamplerPlan, uses_v3
 from s3_ray.usf.schedule import SolverSchedule
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m_exact", 100)  # high-accuracy reference solve: builder, NFE
@@ -77,8 +77,8 @@ class AdapterSampler:
     def sample(self, schedule: SolverSchedule, n: int, seed: int, chunk: int | None = None, progress=None,
                space: str = "image", x_T: torch.Tensor | None = None) -> torch.Tensor:
         """(``x_T``: start from these states instead of ``noise_batch(n, seed)``.)"""
-        needs_ems = any(st.prediction == "dpmsolver_v3" for st in schedule.steps)
-        plan = SamplerPlan(schedule, self.noise, self.ems() if needs_ems and self.ems is not None else None)
+        needs_ems = uses_v3(schedule) is not None and self.ems is not None
+        plan = SamplerPlan(schedule, self.noise, self.ems() if needs_ems else None)
         mean = self.data_mean.to(self.dtype)
         out = []
         for x in (self.noise_batch(n, seed) if x_T is None else x_T).split(chunk or SAMPLE_CHUNK):

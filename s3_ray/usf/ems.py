@@ -77,7 +77,7 @@ class EMS:
         self._Sspl = self._spl["s"].antiderivative()
         self._L00, self._S00 = self._Lspl(lam[0]), self._Sspl(lam[0])
         self.knots = np.unique(np.clip(self._spl["l"].t, lam[0], lam[-1]))  # polynomial pieces
-        cells = [self._gauss(lambda u: np.exp(-self.S(u)) * self.interp(self.b, u), lo, hi)
+        cells = [self._gauss(lambda u: np.exp(-self.S(u)) * self.at("b", u), lo, hi)
                  for lo, hi in zip(self.knots[:-1], self.knots[1:])]
         self._B0 = np.concatenate([np.zeros((1, *self.shape)), np.cumsum(np.stack(cells), 0)])
 
@@ -102,9 +102,8 @@ class EMS:
     def _bc(self, v):  # broadcast [M] against [M, *shape]
         return np.reshape(v, (*np.shape(v), *([1] * len(self.shape))))
 
-    def interp(self, arr, u):
-        """The statistic ``arr`` (self.l, self.s or self.b) at lambda u."""
-        name = next(n for n in ("l", "s", "b") if getattr(self, n) is arr)
+    def at(self, name: str, u):
+        """The statistic ``name`` ('l', 's' or 'b') at lambda u (its spline)."""
         return self._spl[name](self._check(u))
 
     def L(self, u):
@@ -119,7 +118,7 @@ class EMS:
         u = self._check(u)
         flat = np.atleast_1d(u)
         k = np.clip(np.searchsorted(self.knots, flat, side="right") - 1, 0, len(self.knots) - 2)
-        part = np.stack([self._gauss(lambda r: np.exp(-self.S(r)) * self.interp(self.b, r), self.knots[kk], uu)
+        part = np.stack([self._gauss(lambda r: np.exp(-self.S(r)) * self.at("b", r), self.knots[kk], uu)
                          for kk, uu in zip(k, flat)])
         out = self._B0[k] + part
         return out if u.ndim else out[0]

@@ -173,8 +173,10 @@ def _update_v3(order: int, derivs: tuple[Derivative, ...], start: int, n_hist: i
     def growth(u):  # e^(Phi(u) - Phi_s)
         return np.exp(ems.L(u) + ems.S(u) - phi_s)
 
+    B_s = ems.B(lam_s)
+
     def beta(u):  # int_s^u e^(S_s - S) b = e^S_s (B(u) - B_s)
-        return np.exp(S_s) * (ems.B(u) - ems.B(lam_s))
+        return np.exp(S_s) * (ems.B(u) - B_s)
 
     def J(n: int):
         return ems.integrate(lambda u: growth(u) * ems._bc((u - lam_s) ** n / math.factorial(n)), lam_s, lam_t)
@@ -198,7 +200,7 @@ def _update_v3(order: int, derivs: tuple[Derivative, ...], start: int, n_hist: i
     return Update(start=s, a=a, use_x0=False, terms=tuple(terms), use_f=True, bias=torch.from_numpy(bias))
 
 
-def _uses_v3(schedule: SolverSchedule) -> int | None:
+def uses_v3(schedule: SolverSchedule) -> int | None:
     """Index of the first dpmsolver_v3 step, or None."""
     return next((i for i, st in enumerate(schedule.steps) if st.prediction == "dpmsolver_v3"), None)
 
@@ -228,9 +230,10 @@ class SamplerPlan:
         self.lambdas = lam
         self.alphas = [float(v) for v in noise.alpha(np.array(times))]
         self.sigmas = [float(v) for v in noise.sigma(np.array(times))]
-        self.ems = ems if _uses_v3(schedule) is not None else None
-        if self.ems is None and _uses_v3(schedule) is not None:
-            raise ScheduleError(f"steps[{_uses_v3(schedule)}].prediction: 'dpmsolver_v3' needs the model's empirical "
+        first_v3 = uses_v3(schedule)
+        self.ems = ems if first_v3 is not None else None
+        if first_v3 is not None and ems is None:
+            raise ScheduleError(f"steps[{first_v3}].prediction: 'dpmsolver_v3' needs the model's empirical "
                                 "model statistics (EMS, usf/ems.py); none were given for this model")
         if self.ems is not None:
             for i, v in enumerate(lam):
@@ -239,7 +242,7 @@ class SamplerPlan:
                     raise ScheduleError(f"{where}: t={times[i]!r} (lambda {v:.6g}) is outside the EMS grid "
                                         f"[{self.ems.lambdas[0]:.6g}, {self.ems.lambdas[-1]:.6g}]")
             # l at every history entry, for f_j = (sigma_j eps_j - l_j x_j) / alpha_j
-            self.l_at = [torch.from_numpy(np.ascontiguousarray(self.ems.interp(self.ems.l, v))) for v in lam]
+            self.l_at = [torch.from_numpy(np.ascontiguousarray(self.ems.at("l", v))) for v in lam]
         last = len(schedule.steps) - 1
         steps = []
         coeffs = (self.lambdas, self.alphas, self.sigmas)
