@@ -108,11 +108,12 @@ ADAPTER_FIELDS = ("checkpoint", "output", "time_label", "image_shape")
 
 
 class ModelConfig(_Cfg):
-    """The diffusion model under search. ``digits`` is the embedded default; ``checkpoint`` loads a
+    """The diffusion model under search. ``digits`` is the embedded default; ``digits_cfg`` its
+    class-conditional sibling sampled with classifier-free guidance (``guidance_scale``); ``checkpoint`` loads a
     user network (safetensors) through a model adapter; ``diffusers_pipeline`` samples with a user's
     diffusers pipeline folder through ``S3Scheduler`` (s3_ray/models/pipeline.py)."""
 
-    kind: Literal["digits", "checkpoint", "gmm", "diffusers_pipeline"] = "digits"
+    kind: Literal["digits", "digits_cfg", "checkpoint", "gmm", "diffusers_pipeline"] = "digits"
     noise_schedule: str | None = Field(default=None, description=(
         "default vp_linear; for a pipeline: omit it (the pipeline's scheduler_config.json gives it) or name the "
         "same schedule"))
@@ -179,8 +180,9 @@ class ModelConfig(_Cfg):
                 raise ValueError("negative_prompt: only used with classifier-free guidance (guidance_scale > 1)")
         else:
             for f in PIPELINE_FIELDS:
-                if f in changed:
-                    raise ValueError(f"{f}: only used with kind 'diffusers_pipeline'")
+                if f in changed and not (f == "guidance_scale" and self.kind == "digits_cfg"):
+                    raise ValueError(f"{f}: only used with kind 'diffusers_pipeline'"
+                                     + (" or 'digits_cfg'" if f == "guidance_scale" else ""))
         return self
 
     @model_serializer(mode="wrap")
@@ -188,7 +190,8 @@ class ModelConfig(_Cfg):
         # Only the fields of this kind: configs (and the hashes and caches keyed by them) of the other
         # kinds read as before the pipeline fields existed.
         drop = ADAPTER_FIELDS if self.kind == "diffusers_pipeline" else PIPELINE_FIELDS
-        return {k: v for k, v in handler(self).items() if k not in drop}
+        keep = ("guidance_scale",) if self.kind == "digits_cfg" else ()
+        return {k: v for k, v in handler(self).items() if k not in drop or k in keep}
 
 
 class MetricConfig(_Cfg):

@@ -27,15 +27,16 @@ import torch
 
 from s3_ray.config import MetricConfig, ModelConfig, check_reference
 from s3_ray.metrics.fid import file_sha256
-from s3_ray.models.adapter import ModelAdapter
+from s3_ray.models.adapter import ModelAdapter, balanced_classes
 from s3_ray.models.pipeline import noise_for
 from s3_ray.usf.sampler import SamplerPlan, uses_v3
 from s3_ray.usf.schedule import SolverSchedule
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m_exact", 100)  # high-accuracy reference solve: builder, NFE
 MODEL_REFERENCE_SEED = 1_000_003  # noise seed of the 'model' reference set, distinct from search seeds
-# Samples per network batch. Against one batch of 1,000, 1,000-sample trials ran 1.18x (one
-# process) / 1.16x (two at once) as fast here and 1.26x / 1.10x on a 16-core machine
+# Network batch, in samples (half as many samples under classifier-free guidance, whose network call
+# takes both branches: 1.13x as fast as 256 samples doubled, measured). Against one batch of 1,000,
+# 1,000-sample trials ran 1.18x (one process) / 1.16x (two at once) as fast here and 1.26x / 1.10x on a 16-core machine
 # (benchmarks/results/trial_throughput*.md; the digits UNet's activations for 256 samples take 1-2
 # MB, about a core's L2 cache). Every sample is solved independently, so chunking does not change
 # the result beyond float rounding.
@@ -61,7 +62,8 @@ EMS_SETTINGS = {"n_grid": 60, "samples": 512, "probes": 1, "seed": 987_654_321}
 
 
 class AdapterSampler:
-    """Our ``SamplerPlan`` over a ``ModelAdapter``: x_T = sigma_T z with z from seed ``seed``."""
+    """Our ``SamplerPlan`` over a ``ModelAdapter``: x_T = sigma_T z with z from seed ``seed``; a
+    class-conditional model's sample i has class ``classes_of(i)`` (round-robin, balanced)."""
 
     def __init__(self, model: ModelAdapter, noise, shape: tuple[int, ...], dtype, device, data_mean: torch.Tensor,
                  ems=None):
@@ -81,11 +83,25 @@ class AdapterSampler:
         plan = SamplerPlan(schedule, self.noise, self.ems() if needs_ems else None)
         mean = self.data_mean.to(self.dtype)
         out = []
-        for x in (self.noise_batch(n, seed) if x_T is None else x_T).split(chunk or SAMPLE_CHUNK):
-            out.append(plan.run(self.model, x.to(self.device), data_mean=mean.to(self.device)).cpu())
+        start = 0
+        chunk = chunk or SAMPLE_CHUNK // self.model.batch_factor  # the network's batch stays SAMPLE_CHUNK
+        for x in (self.noise_batch(n, seed) if x_T is None else x_T).split(chunk):
+            out.append(plan.run(self.model_for(start, len(x)), x.to(self.device), data_mean=mean.to(self.device)).cpu())
+            start += len(x)
             if progress is not None:
                 progress.update(len(x))
         return torch.cat(out)
+
+    def classes(self, n: int, start: int = 0) -> torch.Tensor | None:
+        """The class ids of samples start..start+n-1 (None: an unconditional model)."""
+        if not self.model.n_classes:
+            return None
+        return balanced_classes(start, n, self.model.n_classes).to(self.device)
+
+    def model_for(self, start: int, n: int):
+        """eps(x, t) of samples start..start+n-1 (bound to their classes when conditional)."""
+        classes = self.classes(n, start)
+        return self.model if classes is None else self.model.with_classes(classes)
 
 
 class Target:
@@ -108,6 +124,17 @@ class Target:
             self.data_mean = torch.from_numpy(train[0].mean(0))
             self.model = ModelAdapter(net, self.noise, output="eps", time_label="t")
             self.weights_sha = file_sha256(UNET_PATH)
+            self.is_image = True
+        elif model_cfg.kind == "digits_cfg":
+            from s3_ray.models.digits import CFG_UNET_PATH, load_digits_cfg_model, load_digits_data
+
+            net = load_digits_cfg_model()
+            train, _, self.data_sha = load_digits_data()
+            self.shape = tuple(train[0].shape[1:])
+            self.data_mean = torch.from_numpy(train[0].mean(0))
+            self.model = ModelAdapter(net, self.noise, output="eps", time_label="t", n_classes=net.n_classes,
+                                      guidance_scale=model_cfg.guidance_scale)
+            self.weights_sha = file_sha256(CFG_UNET_PATH)
             self.is_image = True
         elif model_cfg.kind == "gmm":
             from s3_ray.models.analytic import GaussianMixture
@@ -141,8 +168,8 @@ class Target:
             self.data_mean, self.data_sha, self.is_image = torch.zeros(self.shape), None, True
             self.metric_space = model_cfg.metric_space if metric_cfg.kind == "rmse" else "image"
         else:
-            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported (digits, checkpoint, gmm, "
-                             "diffusers_pipeline)")
+            raise ValueError(f"model.kind: {model_cfg.kind!r} is not supported (digits, digits_cfg, checkpoint, "
+                             "gmm, diffusers_pipeline)")
         if self.model is not None:
             self.producer = AdapterSampler(self.model, self.noise, self.shape, self.dtype, self.device, self.data_mean,
                                            ems=self.ems)
@@ -167,7 +194,8 @@ class Target:
                 raise ValueError("prediction 'dpmsolver_v3' needs the model as eps(x, t); model.kind "
                                  f"{self.model_cfg.kind!r} samples through its pipeline")
             # the EMS trajectories start from their own noise seed, never one a trial scores on
-            self._ems = cached_ems(self.model, self.noise, lambda n, seed: self.noise_batch(n, seed).to(self.device),
+            model = self.producer.model_for(0, EMS_SETTINGS["samples"])  # a guided model's EMS: of its guided eps
+            self._ems = cached_ems(model, self.noise, lambda n, seed: self.noise_batch(n, seed).to(self.device),
                                    model_hash=self.cache_key(), cache_dir=cache_dir() / "ems", **EMS_SETTINGS)
         return self._ems
 
@@ -265,7 +293,8 @@ def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | No
     """Sample ``n`` images with noise seed ``seed`` and score them.
 
     Returns score (the metric's value; lower is better), fid/kid/kid_std or rmse, nfe, seconds,
-    failed (NaN/Inf samples: score = metric.worst_score), schedule_hash, n, seed."""
+    failed (NaN/Inf samples: score = metric.worst_score), schedule_hash, n, seed; a class-conditional
+    digits model adds label_accuracy (the digits classifier's accuracy on the intended classes)."""
     metric = metric or target.metric_cfg
     start = time.perf_counter()
     out = {"nfe": schedule.nfe(), "schedule_hash": schedule.schedule_hash(), "n": n, "seed": seed, "failed": False}
@@ -294,8 +323,27 @@ def evaluate(schedule: SolverSchedule, target: Target, metric: MetricConfig | No
                     feature_extractor_weights_path=metric.feature_extractor_weights_path)
         score = m["fid"] if math.isfinite(m["fid"]) else metric.worst_score
         out.update(score=score, **m)
+    if target.model_cfg.kind == "digits_cfg":
+        out["label_accuracy"] = label_accuracy(x, target.producer.classes(n).cpu()) if not out["failed"] else 0.0
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def label_accuracy(images: torch.Tensor, classes: torch.Tensor) -> float:
+    """Fraction of digits images (in [-1, 1]) the shipped digits classifier assigns to ``classes``; the
+    images are quantised to uint8 first, as FID sees them."""
+    from s3_ray.metrics.fid import uint8_images
+
+    with torch.no_grad():
+        pred = _classifier()(uint8_images(images).float() / 127.5 - 1.0).argmax(1)
+    return float((pred == classes).double().mean())
+
+
+@lru_cache(maxsize=1)
+def _classifier():
+    from s3_ray.models.digits import load_digits_classifier
+
+    return load_digits_classifier()
 
 
 @lru_cache(maxsize=4)

@@ -76,23 +76,62 @@ def time_label_fn(kind, noise: NoiseSchedule) -> Callable[[float], float]:
 class ModelAdapter:
     """eps(x, t) from ``net(x, labels)`` where labels is a [batch] tensor of time labels.
 
-    ``output``: what the network predicts (eps, x0, v, score, flow; see ``to_eps``). ``calls`` counts evaluations."""
+    ``output``: what the network predicts (eps, x0, v, score, flow; see ``to_eps``). ``calls`` counts
+    evaluations (NFE). A class-conditional network (``n_classes > 0``) is called ``net(x, labels, y)``
+    with class ids ``y`` (``None``: its unconditional branch); ``guidance_scale > 1`` samples with
+    classifier-free guidance (``cfg_eps``: both branches in one batched call, one NFE)."""
 
     def __init__(self, net: Callable, noise: NoiseSchedule, output: str = "eps", time_label="t",
-                 data_mean: torch.Tensor | None = None):
+                 data_mean: torch.Tensor | None = None, n_classes: int = 0, guidance_scale: float = 1.0):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if guidance_scale != 1.0 and not n_classes:
+            raise ValueError("guidance_scale: classifier-free guidance needs a class-conditional network")
         self.net = net
         self.noise = noise
         self.output = output
         self.label = time_label_fn(time_label, noise)
         self.data_mean = data_mean
+        self.n_classes = int(n_classes)
+        self.guidance_scale = float(guidance_scale)
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, classes: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
         labels = torch.full((x.shape[0],), self.label(t), dtype=x.dtype, device=x.device)
-        out = self.net(x, labels)
+        if classes is None:
+            out = self.net(x, labels)
+        elif not self.n_classes:
+            raise ValueError("class labels given to an unconditional network")
+        elif self.guidance_scale == 1.0:
+            out = self.net(x, labels, classes)
+        else:
+            out = cfg_eps(self.net, x, labels, classes, self.n_classes, self.guidance_scale)
         if self.output == "eps":
             return out
         return to_eps(self.output, out, x, float(self.noise.alpha(t)), float(self.noise.sigma(t)))
+
+    @property
+    def batch_factor(self) -> int:
+        """Network batch per sample: 2 under classifier-free guidance (both branches in one call)."""
+        return 2 if self.n_classes and self.guidance_scale != 1.0 else 1
+
+    def with_classes(self, classes: torch.Tensor) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """eps(x, t) of samples whose class ids are ``classes`` (calls counted on this adapter)."""
+        return lambda x, t: self(x, t, classes)
+
+
+def cfg_eps(net: Callable, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, null_class: int,
+            scale: float) -> torch.Tensor:
+    """Classifier-free guidance, out_u + scale (out_c - out_u): the conditional (``classes``) and
+    unconditional (class id ``null_class``) outputs from one network call on the doubled batch."""
+    null = torch.full_like(classes, null_class)
+    both = net(torch.cat([x, x]), torch.cat([labels, labels]), torch.cat([classes, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def balanced_classes(start: int, n: int, n_classes: int) -> torch.Tensor:
+    """The class id of samples start..start+n-1: round-robin, so every class is equally represented and
+    a sample's class depends on its index only (common random numbers across schedules)."""
+    return torch.arange(start, start + n) % n_classes

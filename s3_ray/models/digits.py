@@ -1,5 +1,6 @@
-"""The embedded default model: scikit-learn digits (8x8), a small ε-prediction UNet and a
-digits classifier used as the FID feature extractor. Weights are shipped as safetensors
+"""The embedded models: scikit-learn digits (8x8), a small ε-prediction UNet (unconditional, and a
+class-conditional one for classifier-free guidance) and a digits classifier used as the FID feature
+extractor and to check a guided sample's class. Weights are shipped as safetensors
 with a JSON metadata file beside them (see ``s3_ray/models/train.py`` for how they were made).
 
 Data split (fixed, documented): ``np.random.default_rng(0).permutation(1797)``; the first 397
@@ -22,12 +23,15 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 UNET_PATH = ASSETS / "digits_unet.safetensors"
+CFG_UNET_PATH = ASSETS / "digits_cfg_unet.safetensors"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
 N_HELDOUT = 397
 SPLIT_SEED = 0
 
 UNET_ARCH = {"kind": "digits_unet", "in_ch": 1, "base_ch": 16, "ch_mult": [1, 2], "temb_dim": 128,
              "time_scale": 1000.0}
+# The class-conditional UNet: the same network plus a label embedding (label 10 = unconditional).
+CFG_UNET_ARCH = {**UNET_ARCH, "kind": "digits_cfg_unet", "n_classes": 10}
 CLASSIFIER_ARCH = {"kind": "digits_classifier", "in_ch": 1, "ch": [32, 64], "feat_dim": 64, "n_classes": 10}
 
 
@@ -94,15 +98,19 @@ class DigitsUNet(nn.Module):
     """ε-prediction UNet for 1x8x8 images: ``net(x [B,1,8,8], t [B] in (0,1]) -> eps [B,1,8,8]``.
 
     Two levels (8x8 with ``base_ch``, 4x4 with ``2*base_ch``), one residual block per level on the
-    way down and up, two in the middle (4x4); no attention.
+    way down and up, two in the middle (4x4); no attention. With ``n_classes > 0`` it is
+    class-conditional, ``net(x, t, y)``: a label embedding (``n_classes + 1`` entries, the last one
+    meaning "no label") is added to the time embedding; ``y=None`` is the unconditional branch.
     """
 
-    def __init__(self, in_ch=1, base_ch=16, ch_mult=(1, 2), temb_dim=128, time_scale=1000.0, **_):
+    def __init__(self, in_ch=1, base_ch=16, ch_mult=(1, 2), temb_dim=128, time_scale=1000.0, n_classes=0, **_):
         super().__init__()
         c1, c2 = base_ch * ch_mult[0], base_ch * ch_mult[1]
         self.time_scale = float(time_scale)
         self.temb_dim = temb_dim
+        self.n_classes = int(n_classes)
         self.temb = nn.Sequential(nn.Linear(temb_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.label_emb = nn.Embedding(self.n_classes + 1, temb_dim) if self.n_classes else None
         self.conv_in = nn.Conv2d(in_ch, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, temb_dim)
         self.downsample = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
@@ -115,9 +123,15 @@ class DigitsUNet(nn.Module):
         self.norm_out = nn.GroupNorm(8, c1)
         self.conv_out = nn.Conv2d(c1, in_ch, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
         emb = self.temb(timestep_embedding(t * self.time_scale, self.temb_dim).to(x.dtype))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.n_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this UNet is unconditional: it takes no class labels")
         h1 = self.down1(self.conv_in(x), emb)  # 8x8
         h2 = self.down2(self.downsample(h1), emb)  # 4x4
         h = self.mid2(self.mid1(h2, emb), emb)
@@ -208,15 +222,24 @@ def _load(cls, expected_arch: dict, path) -> tuple[nn.Module, dict]:
     return net.eval().requires_grad_(False), meta
 
 
+def _load_unet(arch: dict, path) -> DigitsUNet:
+    net, meta = _load(DigitsUNet, arch, path)
+    sched = meta.get("noise_schedule")
+    if not isinstance(sched, dict) or sched.get("name") != "vp_linear":
+        raise ValueError(f"{Path(path).with_suffix('.json')}: field 'noise_schedule' is {sched!r}")
+    net.meta = meta
+    return net
+
+
 def load_digits_model(path=None) -> DigitsUNet:
     """The shipped EMA UNet in eval mode (``net.meta`` holds its metadata). Raises ``ValueError``
     naming the file and field for a missing, corrupt or mismatched checkpoint."""
-    net, meta = _load(DigitsUNet, UNET_ARCH, path or UNET_PATH)
-    sched = meta.get("noise_schedule")
-    if not isinstance(sched, dict) or sched.get("name") != "vp_linear":
-        raise ValueError(f"{Path(path or UNET_PATH).with_suffix('.json')}: field 'noise_schedule' is {sched!r}")
-    net.meta = meta
-    return net
+    return _load_unet(UNET_ARCH, path or UNET_PATH)
+
+
+def load_digits_cfg_model(path=None) -> DigitsUNet:
+    """The shipped class-conditional EMA UNet (labels 0..9, 10 = unconditional), as ``load_digits_model``."""
+    return _load_unet(CFG_UNET_ARCH, path or CFG_UNET_PATH)
 
 
 def load_digits_classifier(path=None) -> DigitsClassifier:

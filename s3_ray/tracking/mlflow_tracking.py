@@ -38,7 +38,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
 TRIALS_VIEW = "s3-trials"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch request
 MAX_TAG_CHARS = 8000  # MLflow's limit on a tag's value
-TRIAL_METRICS = ("score", "fid", "kid", "kid_std", "rmse", "seconds", "failed")
+TRIAL_METRICS = ("score", "fid", "kid", "kid_std", "rmse", "label_accuracy", "seconds", "failed")
 
 # The MLflow client retries an HTTP request 7 times with exponential backoff and waits up to 120 s per
 # attempt by default (measured: 246 s for one request to a closed port): a server outage would hold
