@@ -251,6 +251,20 @@ class SyntheticConfig(_Cfg):
     straggler_factor: float = Field(default=5.0, ge=1, description="a straggler lasts this many times longer")
 
 
+class ScreenConfig(_Cfg):
+    """Multi-fidelity stages (successive halving with one cheap rung): each S3 stage sends
+    ``factor`` x as many predicted-best mutants to a cheap fidelity, the RMSE of ``samples`` few-step
+    samples against the converged solve from the same noise (common random numbers: nearly
+    noise-free), and only the best 1 / ``factor`` of them per NFE to the full metric."""
+
+    samples: int = Field(default=64, ge=2, le=4096, description="samples per screened schedule")
+    factor: int = Field(default=3, ge=2, le=100, description="schedules screened per full evaluation")
+    cost: float = Field(default=0.05, gt=0, le=1, description=(
+        "budget charged per screened schedule, in full evaluations (its time relative to one full "
+        "evaluation: benchmarks/results/fidelity.md)"))
+    batch: int = Field(default=16, ge=1, le=1024, description="schedules screened per trial")
+
+
 class SearchConfig(_Cfg):
     """A whole search: search_spaces/*.yaml."""
 
@@ -258,7 +272,8 @@ class SearchConfig(_Cfg):
     model: ModelConfig = ModelConfig()
     metric: MetricConfig = MetricConfig()
     nfe: tuple[int, ...] = Field(default=(5,), description="NFE values searched jointly")
-    budget: int = Field(default=100, ge=1, description="true evaluations in total")
+    budget: int = Field(default=100, ge=1, description=(
+        "true evaluations in total (with screen: in full-evaluation cost, a screened schedule charged screen.cost)"))
     stages: int = Field(default=3, ge=1)
     plan_ahead: int = Field(default=0, ge=0, description=(
         "0: a stage is planned once every earlier result is in (workers wait meanwhile); k > 0: it is "
@@ -272,6 +287,9 @@ class SearchConfig(_Cfg):
     predictor: PredictorConfig = PredictorConfig()
     resources: ResourcesConfig = ResourcesConfig()
     concurrency: int = Field(default=2, ge=1)
+    screen: ScreenConfig | None = Field(default=None, description=(
+        "multi-fidelity stages (algo s3): screen factor x the stage's proposals at a cheap RMSE "
+        "fidelity, fully evaluate the best"))
     synthetic: SyntheticConfig | None = Field(default=None, description=(
         "benchmark tool: trials sleep for a drawn duration and return the gmm model's score "
         "(benchmarks/scale.py); needs model.kind gmm"))
@@ -313,6 +331,8 @@ class SearchConfig(_Cfg):
         if self.synthetic is not None and self.model.kind != "gmm":
             raise ValueError("synthetic: needs model.kind 'gmm' (its score is the cheap objective a synthetic "
                              f"trial returns), got {self.model.kind!r}")
+        if self.screen is not None and self.synthetic is not None:
+            raise ValueError("screen: not available with synthetic trials (they time one schedule each)")
         if "gits" in self.discretizations and self.model.kind == "diffusers_pipeline":
             raise ValueError("discretizations: 'gits' needs the model as eps(x, t) (its teacher trajectories "
                              "are solved outside the pipeline loop); not available for kind 'diffusers_pipeline'")

@@ -68,6 +68,12 @@ def test_kid_fast_matches_torch_fidelity():
     ref = kid_features_to_metric(f1, f2, kid_subsets=7, kid_subset_size=100, rng_seed=3, verbose=False)
     got = kid_fast(f1, f2, kid_subsets=7, kid_subset_size=100, rng_seed=3)
     assert got == pytest.approx(ref, rel=1e-4)
+    # the reference's own kernel term is kept between calls: other samples, the same reference, and
+    # another subset size or reference, each against torch-fidelity
+    f3 = torch.rand(130, 16, generator=g) * 1.2
+    for a, b, m in ((f3, f2, 100), (f1, f2, 90), (f3, f1, 100), (f1, f2, 100)):
+        ref = kid_features_to_metric(a, b, kid_subsets=7, kid_subset_size=m, rng_seed=3, verbose=False)
+        assert kid_fast(a, b, kid_subsets=7, kid_subset_size=m, rng_seed=3) == pytest.approx(ref, rel=1e-4)
 
 
 def test_kid_subset_size_follows_sample_count():

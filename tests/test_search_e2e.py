@@ -76,6 +76,31 @@ def test_smoke_search_end_to_end(tmp_path):
     assert [t["n_train"] for t in state["taus"]] == [start - 1 for start in starts]
 
 
+def test_screened_search_end_to_end(tmp_path):
+    """Multi-fidelity stages on a real Ray: screening trials logged as MLflow runs of kind 'screen'
+    (no score metric), only full evaluations in Tune's records and the final table; plan_ahead 1
+    plans each stage once the previous stage's survivors run."""
+    screen = {"samples": 16, "factor": 2, "cost": 0.1, "batch": 2}
+    space = write_space(tmp_path, name="screened", budget=12, plan_ahead=1, screen=screen)
+    r = search_to_end(space, tmp_path)
+    run_dir = tmp_path / "runs" / "screened"
+    assert "| NFE | S3 FID | best baseline" in r.stdout
+    state = json.loads(max((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())
+    # seed phase: 2 baselines + 2 random = 4; stages of 4: 3 survivors of 6 screened (3 + 0.6 <= 4)
+    assert len(state["results"]) == 4 + 2 * 3 and len(state["screened"]) == 2 * 6
+    assert sum(x["survived"] for x in state["screened"]) == 6 and state["spent"] == pytest.approx(4 + 2 * 3.6)
+    trials = run_dir / "mlflow.db"
+    assert len(trial_runs(trials, "screened")) == 10
+    screens = mlflow_runs(trials, "screened", "screen")
+    assert len(screens) == 6
+    for x in screens:
+        assert "score" not in x.data.metrics and x.data.metrics["screen_best_rmse"] > 0
+        assert x.data.params["n_schedules"] == "2" and x.data.params["samples"] == "16"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["screened_trials"] == 6 and summary["trials"] == 10
+    assert all("screen_vs_full_tau" in t for t in summary["predictor_tau"])
+
+
 def finished(runs):
     """Child runs whose logging is complete (a run is created RUNNING, then filled and terminated)."""
     return [x for x in runs if x.info.status != "RUNNING"]

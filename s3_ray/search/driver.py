@@ -203,7 +203,9 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     print(f"search: {len(records)} trials in {time.time() - started:.0f} s ({added or 0} synced to MLflow at the end)",
           file=out)
 
-    summary = finalize(cfg, records, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir))
+    full = [r for r in records if "screen" not in r[1]]  # screening trials are in MLflow, not in the tables
+    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir))
+    summary["screened_trials"] = len(records) - len(full)
     if added is None:  # MLflow was down when the trials ended: try again after the final evaluation
         added = _sync(tracker, records, out, last=True)
         if added is not None:
@@ -363,6 +365,12 @@ def summary_markdown(summary: dict) -> str:
                   "evaluated: " + ", ".join(f"stage {t['stage']}: {t['kendall_tau']:.2f} (n={t['n_train']}) / "
                                             f"{t.get('proposal_tau', float('nan')):.2f} (n={t.get('n_evaluated', 0)})"
                                             for t in taus)]
+    screened = [t for t in taus if "screen_vs_full_tau" in t]
+    if screened:
+        lines += ["", f"Screening ({summary.get('screened_trials', 0)} screening trials): Kendall tau per stage, "
+                  "predictor vs screening score (every screened schedule) / screening vs full score (survivors): "
+                  + ", ".join(f"stage {t['stage']}: {t['predicted_vs_screen_tau']:.2f} (n={t['screened']}) / "
+                              f"{t['screen_vs_full_tau']:.2f} (n={t['survivors']})" for t in screened)]
     return "\n".join(lines) + "\n"
 
 
@@ -379,7 +387,8 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
             metrics.append(Metric(f"baseline_nfe{r['nfe']}", r["best_baseline_score"], 0, 0))
         metrics.append(Metric("converged", summary["converged"], 0, 0))
         metrics += [Metric(key, t[key], 0, t["stage"]) for t in summary.get("predictor_tau", [])
-                    for key in ("kendall_tau", "proposal_tau") if t.get(key) is not None and t[key] == t[key]]
+                    for key in ("kendall_tau", "proposal_tau", "predicted_vs_screen_tau", "screen_vs_full_tau")
+                    if t.get(key) is not None and t[key] == t[key]]
         tracker.client.log_batch(parent_id, metrics=metrics)
         best = {int(f.stem[3:]): SolverSchedule.from_json(f.read_text()).schedule_hash()
                 for f in (run_dir / "best").glob("nfe*.json")}

@@ -45,7 +45,7 @@ class SearchProgress(Callback):
         self.done.add(trial.trial_id)
         config, result = trial.config or {}, trial.last_result or {}
         self.stage = max(self.stage, int(config.get("stage", -1)))
-        score, nfe = result.get("score"), config.get("nfe")
+        score, nfe = result.get("score"), config.get("nfe")  # (a screening trial has no NFE)
         if score is not None and nfe is not None and not result.get("failed"):
             self.best[nfe] = min(score, self.best.get(nfe, score))
 
@@ -55,7 +55,8 @@ class SearchProgress(Callback):
             for t in trials:
                 if t.status == "TERMINATED":
                     self._count(t)
-            self.progress = Progress(self.budget, "search", "trials", initial=len(self.done), status=self.status(),
+            full = sum(1 for t in trials if t.trial_id in self.done and "screen" not in (t.config or {}))
+            self.progress = Progress(self.budget, "search", "trials", initial=full, status=self.status(),
                                      per="min")
         return self.progress
 
@@ -80,7 +81,7 @@ class SearchProgress(Callback):
         p = self._start(trials)
         if trial.trial_id not in self.done:
             self._count(trial)
-            p.update(1, self.status())
+            p.update(0 if "screen" in (trial.config or {}) else 1, self.status())  # the bar counts full evaluations
             if p.n >= self.budget:  # done now, before Tune's closing log lines
                 p.close()
 

@@ -7,6 +7,13 @@ evaluation. ``algo='evolution'`` proposes one mutant at a time from the current 
 release's algorithm); ``algo='random'`` draws random valid schedules; ``algo='optuna-tpe'`` asks
 Optuna's TPE over a fixed-length parameterisation of the same space (``tpe.py``).
 
+With ``screen`` (multi-fidelity, successive halving with one cheap rung), a stage's top predicted
+mutants, ``screen.factor`` times as many as it can fully evaluate, first go to screening trials
+(``screen.batch`` schedules each, scored by the RMSE of ``screen.samples`` samples against the
+converged solve from the same noise); once every screening result of the stage is in, the best
+1 / factor per NFE by that score go to full evaluation. Budgets are counted in cost: a full
+evaluation costs 1, a screened schedule ``screen.cost``.
+
 It runs (and is tested) without a Ray cluster: Tune only calls ``suggest``/``on_trial_complete``/
 ``save``/``restore``. ``suggest`` returns the trial config: the schedule as canonical JSON plus the
 evaluation settings (model and metric configs, sample count, noise seed).
@@ -15,6 +22,7 @@ evaluation settings (model and metric configs, sample count, noise seed).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -34,7 +42,7 @@ from s3_ray.search.tpe import TPEProposer
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
 ALGOS = ("s3", "evolution", "random", "optuna-tpe")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class S3Searcher(Searcher):
@@ -58,6 +66,9 @@ class S3Searcher(Searcher):
         self._done_prefix, self._done_above = 0, set()  # every index < _done_prefix has its result
         self.seen: set[str] = set()  # schedule hashes ever proposed
         self.n_suggested = 0
+        self.spent = 0.0  # budget charged to suggested trials (1 per full evaluation)
+        self.rung: dict | None = None  # the current stage's screening rung until its survivors are queued
+        self.screened: list[dict] = []  # every screened schedule: stage, nfe, hash, screen score, survived
         self.stage = -1  # -1: seed phase
         self.stage_budgets = []
         self.taus: list[dict] = []  # per stage: training set size, candidates, chosen
@@ -80,7 +91,7 @@ class S3Searcher(Searcher):
         seen.add(h)
         samples = self.cfg.metric.samples[min(max(stage, 0), len(self.cfg.metric.samples) - 1)]
         return {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
-                "samples": samples, "seed": self.cfg.seed}
+                "samples": samples, "seed": self.cfg.seed, "cost": 1.0}
 
     def _plan_seed_phase(self):
         cfg = self.cfg
@@ -142,13 +153,15 @@ class S3Searcher(Searcher):
         The predictor's quality is measured after the search (``predictor_quality``), so that
         planning does only what the proposals need."""
         budget = self.stage_budgets[stage]
+        survivors = screen_split(budget, self.cfg.screen) if self.cfg.screen else 0
+        n_choose = survivors * self.cfg.screen.factor if survivors else budget
         results = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
                                   self.cfg.seed + stage)
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
         predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
                               encoding_cache=self._encodings)
         predictor.fit(schedules, [r["score"] for r in results])
-        cands = self._mutants(max(self.cfg.predictor.candidates, budget), stage, "predictor", results, rng, seen)
+        cands = self._mutants(max(self.cfg.predictor.candidates, n_choose), stage, "predictor", results, rng, seen)
         for c in cands:  # only the chosen ones stay "seen"
             seen.discard(c["schedule_hash"])
         pred = predictor.predict([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else []
@@ -157,16 +170,13 @@ class S3Searcher(Searcher):
             by_nfe[c["nfe"]].append((float(p), {**c, "predicted": float(p)}))
         for group in by_nfe.values():
             group.sort(key=lambda pc: pc[0])
-        # Round-robin over NFEs, best predicted first, so every NFE gets its share.
-        chosen, depth = [], 0
-        while len(chosen) < budget and any(depth < len(g) for g in by_nfe.values()):
-            for nfe in sorted(by_nfe):
-                if depth < len(by_nfe[nfe]) and len(chosen) < budget:
-                    chosen.append(by_nfe[nfe][depth][1])
-            depth += 1
+        chosen = round_robin({nfe: [c for _, c in g] for nfe, g in by_nfe.items()}, n_choose)
         for c in chosen:
             seen.add(c["schedule_hash"])
-        return chosen, {"stage": stage, "n_train": len(results), "candidates": len(cands), "chosen": len(chosen)}
+        info = {"stage": stage, "n_train": len(results), "candidates": len(cands), "chosen": len(chosen)}
+        if survivors:  # "chosen" becomes the stage's full evaluations when they are known
+            info.update(screened=len(chosen), survivors=min(survivors, len(chosen)))
+        return chosen, info
 
     def _plan_stage(self):
         """Plan the next stage now, from every result (``plan_ahead = 0``: no trial is in flight)."""
@@ -175,8 +185,42 @@ class S3Searcher(Searcher):
 
     def _commit_stage(self, chosen: list[dict], info: dict):
         self.stage = info["stage"]
-        self.queue.extend(chosen)
         self.taus.append(info)
+        if "screened" not in info:
+            self.queue.extend(chosen)
+            return
+        size, cost = self.cfg.screen.batch, self.cfg.screen.cost
+        batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+        self.rung = {"stage": self.stage, "candidates": chosen, "survivors": info["survivors"], "trials": len(batches),
+                     "scores": {}}
+        for b in batches:
+            hashes = [c["schedule_hash"] for c in b]
+            self.queue.append({"screen": [c["schedule"] for c in b], "schedule_hashes": hashes,
+                               "schedule_hash": hashlib.sha256(",".join(hashes).encode()).hexdigest(),
+                               "nfe": None, "source": "screen", "stage": self.stage, "samples": self.cfg.screen.samples,
+                               "seed": self.cfg.seed, "cost": len(b) * cost})
+
+    def _promote(self) -> bool:
+        """Queue the screening rung's survivors once all its results are in: per NFE the best by the
+        screening score (ties: the predictor's order), shared round-robin as the stage's proposals
+        were. False while a screening result is still out."""
+        rung = self.rung
+        if len(rung["scores"]) < rung["trials"]:
+            return False
+        scores = [x for key in sorted(rung["scores"], key=int) for x in rung["scores"][key]]
+        by_nfe = defaultdict(list)
+        for order, (c, sc) in enumerate(zip(rung["candidates"], scores)):
+            by_nfe[c["nfe"]].append((sc, order, {**c, "screen_score": sc}))
+        ranked = {nfe: [c for *_, c in sorted(g, key=lambda e: e[:2])] for nfe, g in by_nfe.items()}
+        survivors = round_robin(ranked, rung["survivors"])
+        kept = {c["schedule_hash"] for c in survivors}
+        self.screened += [{"stage": rung["stage"], "nfe": c["nfe"], "schedule_hash": c["schedule_hash"],
+                           "screen_score": sc, "predicted": c.get("predicted"), "survived": c["schedule_hash"] in kept}
+                          for c, sc in zip(rung["candidates"], scores)]
+        self.queue.extend(survivors)
+        self.taus[-1]["chosen"] = len(survivors)
+        self.rung = None
+        return True
 
     # ---- planning ahead (plan_ahead > 0) ---------------------------------------------------------
     # The next stage is planned in a background thread from the results of every trial suggested
@@ -186,11 +230,11 @@ class S3Searcher(Searcher):
     # works on copies of the rng and seen set that are committed only when the phase's queue runs
     # out: a state saved before that replans the same stage when restored.
     def _maybe_plan_ahead(self):
-        if (self.algo != "s3" or self.cfg.plan_ahead == 0 or self._plan_job is not None
+        if (self.algo != "s3" or self.cfg.plan_ahead == 0 or self._plan_job is not None or self.rung is not None
                 or self.stage + 1 >= len(self.stage_budgets)):
-            return
+            return  # (a screening rung: the stage's full evaluations are not known yet)
         end = self.n_suggested + len(self.queue)  # the queue holds the rest of the current phase
-        if end >= self.cfg.budget:
+        if self.spent + sum(p["cost"] for p in self.queue) >= self.cfg.budget - 1e-9:
             return  # no stage follows
         if self.stage >= 0:
             size = self.taus[-1]["chosen"]
@@ -228,8 +272,10 @@ class S3Searcher(Searcher):
         return out
 
     def _suggest(self, trial_id: str):
-        if self.n_suggested >= self.cfg.budget:
+        if self.spent >= self.cfg.budget - 1e-9:
             return Searcher.FINISHED
+        if not self.queue and self.rung is not None and not self._promote():
+            return None  # a stage's full evaluations start when its screening results are in
         if not self.queue:
             if self.algo == "s3":
                 if self.stage + 1 >= len(self.stage_budgets):
@@ -265,6 +311,7 @@ class S3Searcher(Searcher):
         proposal["trial_key"] = f"{self.n_suggested:05d}-{proposal['schedule_hash'][:10]}"
         self.pending[trial_id] = proposal
         self.n_suggested += 1
+        self.spent += proposal.get("cost", 1.0)
         return {**proposal, **self._eval_settings, **self.trial_settings}
 
     def _ask_tpe(self):
@@ -282,6 +329,9 @@ class S3Searcher(Searcher):
         proposal = self.pending.pop(trial_id, None)
         if proposal is None:  # not ours, or already recorded
             return
+        if "screen" in proposal:
+            self._screen_complete(proposal, result, error)
+            return
         score = result.get("score") if (result and not error) else None
         finite = score is not None and math.isfinite(score)
         failed = bool(error or not finite or result.get("failed"))
@@ -290,6 +340,17 @@ class S3Searcher(Searcher):
         self._count_done(proposal["index"])
         if self.tpe is not None and "tpe" in proposal:
             self.tpe.tell(proposal["tpe"]["number"], proposal["tpe"]["params"], value)
+        self._maybe_plan_ahead()
+
+    def _screen_complete(self, proposal: dict, result: dict | None, error: bool):
+        n, worst = len(proposal["screen"]), self.cfg.metric.worst_score
+        scores = (result or {}).get("scores") if not error else None
+        if not isinstance(scores, list) or len(scores) != n:
+            scores = [worst] * n  # a failed screening trial: its schedules rank last
+        scores = [float(x) if isinstance(x, (int, float)) and math.isfinite(x) else worst for x in scores]
+        if self.rung is not None and self.rung["stage"] == proposal["stage"]:
+            self.rung["scores"][str(proposal["index"])] = scores
+        self._count_done(proposal["index"])
         self._maybe_plan_ahead()
 
     def _count_done(self, index: int):
@@ -303,6 +364,7 @@ class S3Searcher(Searcher):
         return {"version": STATE_VERSION, "config": self.cfg.model_dump(mode="json"), "algo": self.algo,
                 "rng": self.rng.bit_generator.state, "queue": self.queue, "pending": self.pending,
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
+                "spent": self.spent, "rung": self.rung, "screened": self.screened,
                 "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus,
                 "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
@@ -316,6 +378,7 @@ class S3Searcher(Searcher):
         self.rng.bit_generator.state = state["rng"]
         self.queue, self.pending, self.results = state["queue"], state["pending"], state["results"]
         self.seen, self.n_suggested = set(state["seen"]), state["n_suggested"]
+        self.spent, self.rung, self.screened = state["spent"], state["rung"], state["screened"]
         self._done_prefix, self._done_above = 0, set()
         for r in self.results:
             self._count_done(r["index"])
@@ -376,6 +439,27 @@ def training_subset(results: list[dict], cap: int, seed: int) -> list[dict]:
     return [results[i] for i in sorted(keep)]
 
 
+def screen_split(budget: float, screen) -> int:
+    """Full evaluations of a screened stage with cost budget ``budget``: the most s with
+    s + factor * s * cost <= budget (0: too small a stage to screen)."""
+    s = int(budget // (1 + screen.factor * screen.cost))
+    while s > 0 and s + s * screen.factor * screen.cost > budget + 1e-9:
+        s -= 1
+    return s
+
+
+def round_robin(by_nfe: dict[int, list[dict]], n: int) -> list[dict]:
+    """Up to ``n`` items taken round-robin over NFEs (ascending), each NFE's list best first, so that
+    every NFE gets its share."""
+    chosen, depth = [], 0
+    while len(chosen) < n and any(depth < len(g) for g in by_nfe.values()):
+        for nfe in sorted(by_nfe):
+            if depth < len(by_nfe[nfe]) and len(chosen) < n:
+                chosen.append(by_nfe[nfe][depth])
+        depth += 1
+    return chosen
+
+
 def _submit_plan(fn, *args):
     return _executor().submit(fn, *args)
 
@@ -387,7 +471,9 @@ def predictor_quality(state: dict) -> list[dict]:
     - ``kendall_tau``: held-out Kendall tau of a predictor trained like stage k's (same settings and
       seed) on a seeded, NFE-stratified 75 % of the results stage k trained on, tested on the rest;
     - ``proposal_tau``: tau between stage k's predictions for the schedules it chose and their
-      measured scores (schedules that predictor never saw; all of them top-ranked candidates).
+      measured scores (schedules that predictor never saw; all of them top-ranked candidates);
+    - with screening, ``predicted_vs_screen_tau`` (predictions vs screening scores, every screened
+      schedule) and ``screen_vs_full_tau`` (screening vs full scores of the survivors).
     Both are means of per-NFE taus weighted by group size (NaN where no group has 3 items)."""
     if state.get("algo") != "s3":
         return []
@@ -403,5 +489,13 @@ def predictor_quality(state: dict) -> list[dict]:
         own = [r for r in results if r.get("stage") == k and "predicted" in r]
         ptau = per_nfe_tau(np.array([r["nfe"] for r in own]), np.array([r["predicted"] for r in own]),
                            np.array([r["score"] for r in own])) if own else float("nan")
-        out.append({**t, "kendall_tau": float(tau), "proposal_tau": float(ptau), "n_evaluated": len(own)})
+        row = {**t, "kendall_tau": float(tau), "proposal_tau": float(ptau), "n_evaluated": len(own)}
+        screened = [x for x in state.get("screened", []) if x["stage"] == k]
+        if screened:  # how the cheap fidelity ranked: against the predictor, and against the full score
+            row["predicted_vs_screen_tau"] = float(per_nfe_tau(*(np.array([x[f] for x in screened], float)
+                                                                 for f in ("nfe", "predicted", "screen_score"))))
+            full = [r for r in own if "screen_score" in r]
+            row["screen_vs_full_tau"] = float(per_nfe_tau(*(np.array([r[f] for r in full], float)
+                                                            for f in ("nfe", "screen_score", "score")))) if full else float("nan")
+        out.append(row)
     return out

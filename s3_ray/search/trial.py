@@ -29,8 +29,11 @@ def run_trial(config: dict) -> dict:
         return {**json.loads(cache.read_text()), "cached": 1}
     torch.set_num_threads(1)
     target = get_target(config["model"], config["metric"])  # cached: loaded once per worker process
-    schedule = SolverSchedule.from_json(config["schedule"])
-    result = evaluate(schedule, target, n=int(config["samples"]), seed=int(config["seed"]))
+    if "screen" in config:
+        result = screen_schedules(config["screen"], target, int(config["samples"]), int(config["seed"]))
+    else:
+        schedule = SolverSchedule.from_json(config["schedule"])
+        result = evaluate(schedule, target, n=int(config["samples"]), seed=int(config["seed"]))
     result["failed"] = int(result["failed"])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +47,20 @@ def run_trial(config: dict) -> dict:
         pad_to_duration(SyntheticConfig.model_validate_json(config["synthetic"]), config["trial_key"],
                         int(config["seed"]), started_at)
     return {**result, "cached": 0, "started_at": started_at, "ended_at": time.time()}
+
+
+def screen_schedules(schedules: list[str], target, n: int, seed: int) -> dict:
+    """A screening trial (multi-fidelity search): the RMSE of each schedule's ``n`` samples against
+    the converged solve from the same noise. ``scores`` in the given order; ``score`` is their best
+    (what Tune and the MLflow child run show); a NaN schedule scores ``metric.worst_score``."""
+    from s3_ray.config import MetricConfig
+
+    rmse = MetricConfig(kind="rmse", worst_score=target.metric_cfg.worst_score)
+    started = time.perf_counter()
+    target.reference_solution(n, seed)  # the converged solve, once per process
+    scores = [evaluate(SolverSchedule.from_json(s), target, rmse, n=n, seed=seed)["score"] for s in schedules]
+    return {"scores": scores, "score": min(scores), "screen_best_rmse": min(scores), "n_schedules": len(scores),
+            "n": n, "seed": seed, "failed": False, "seconds": time.perf_counter() - started}
 
 
 def _cache_path(config: dict) -> Path | None:

@@ -250,6 +250,8 @@ class Tracker:
 
         if trial_id in self._partial:  # an unfinished child run of this trial: replace it
             self.client.delete_run(self._partial.pop(trial_id))
+        if "screen" in config:
+            return self._log_screen(trial_id, config, result)
         s = SolverSchedule.from_json(config["schedule"])
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, KIND_TAG: "trial", "s3.schedule_hash": config["schedule_hash"],
                 "s3.source": config["source"], "ray.trial_id": str(result.get("trial_id", ""))}
@@ -266,6 +268,30 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH],
                                   metrics=metrics if i == 0 else [])
         self.client.log_text(run.info.run_id, s.to_json(indent=1), "schedule.json")
+        self.client.set_terminated(run.info.run_id, "FAILED" if result.get("failed") else "FINISHED")
+        self.logged_trial_ids().add(trial_id)
+        return True
+
+    def _log_screen(self, trial_id: str, config: dict, result: dict) -> bool:
+        """A screening trial's child run (kind 'screen'): no ``score`` metric, so the trials table
+        sorted by the search metric lists full evaluations first; ``screen.json`` holds each
+        schedule's hash and RMSE."""
+        from mlflow.entities import Metric, Param
+
+        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, KIND_TAG: "screen", "s3.source": "screen"}
+        best = result.get("screen_best_rmse")
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=(
+            f"screen-stage{config['stage']}-{len(config['screen'])}x-rmse{best:.3g}-{trial_id}"
+            if isinstance(best, (int, float)) else f"screen-stage{config['stage']}-failed-{trial_id}"))
+        params = {"stage": str(config["stage"]), "source": "screen", "samples": str(config["samples"]),
+                  "seed": str(config["seed"]), "n_schedules": str(len(config["screen"]))}
+        metrics = [Metric(k, float(result[k]), 0, 0) for k in ("screen_best_rmse", "seconds", "failed")
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+        metrics.append(Metric("stage", float(config["stage"]), 0, 0))
+        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
+        scores = result.get("scores") or [None] * len(config["screen"])
+        self.client.log_text(run.info.run_id, json.dumps([{"schedule_hash": h, "rmse": sc} for h, sc in
+                                                          zip(config["schedule_hashes"], scores)], indent=1), "screen.json")
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("failed") else "FINISHED")
         self.logged_trial_ids().add(trial_id)
         return True

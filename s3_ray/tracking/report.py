@@ -27,7 +27,8 @@ PLOTS = ("score_vs_nfe.png", "schedules.png", "search_curve.png")
 
 
 def tune_records(tune_dir) -> list[tuple[str, dict, dict]]:
-    """(trial key, config, last result) of every trial that reported, read from Tune's ``result.json`` files."""
+    """(trial key, config, last result) of every full-evaluation trial that reported (not screening
+    trials), read from Tune's ``result.json`` files."""
     out = []
     for f in Path(tune_dir).glob("*/result.json"):
         lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
@@ -35,7 +36,7 @@ def tune_records(tune_dir) -> list[tuple[str, dict, dict]]:
             continue
         result = json.loads(lines[-1])
         config = result.get("config", {})
-        if "score" in result and "trial_key" in config:
+        if "score" in result and "trial_key" in config and "screen" not in config:  # full evaluations only
             out.append((config["trial_key"], config, result))
     return sorted(out, key=lambda r: r[0])
 
