@@ -7,8 +7,8 @@ measures:
 
 - ``proposal_tau``: Kendall tau of predicted vs measured score on the stage's own proposals, per NFE;
 - ``noise_ceiling_tau``: the tau a perfect predictor could reach on those proposals, given the
-  measured scores' noise: with ``noise_sd`` (seed-to-seed sd of one score at the search fidelity,
-  from ``benchmarks/results/fidelity.json``) and the proposals' measured variance v, the
+  measured scores' noise: with ``noise_sd`` (seed-to-seed sd of one score at the search fidelity
+  among the best quarter of schedules, from ``benchmarks/results/fidelity.json``) and the proposals' measured variance v, the
   reliability r = max(0, 1 - noise_sd^2 / v), and for Gaussian scores tau = (2 / pi) arcsin(sqrt r);
 - ``final_loss``: the pairwise ranking loss at the end of training (log 2 = 0.693 is chance);
 - ``distance_ratio``: median distance (standardised encodings) from a proposal to its nearest
@@ -45,7 +45,7 @@ def _noise_sd(fidelity: Path, target: str) -> dict[int, float]:
     data = json.loads(fidelity.read_text())
     for t in data["targets"]:
         if t["target"] == target:
-            return {int(k): v["search_noise_sd"] for k, v in t["per_nfe"].items()}
+            return {int(k): v["search_noise_sd_best_quarter"] for k, v in t["per_nfe"].items()}
     raise SystemExit(f"{fidelity} has no target {target!r}")
 
 

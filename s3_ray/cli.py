@@ -283,7 +283,8 @@ def cmd_search(a):
     from s3_ray.config import load_config, with_overrides
     from s3_ray.search.driver import run_search
 
-    cfg = with_overrides(load_config(a.space), {"budget": ("--budget", a.budget), "name": ("--name", a.name)})
+    cfg = with_overrides(load_config(a.space), {"budget": ("--budget", a.budget), "name": ("--name", a.name),
+                                                "warm_start": ("--warm-start", tuple(a.warm_start) if a.warm_start else None)})
     run_search(cfg, address=a.address, mlflow_uri=a.mlflow_uri, algo=a.algo, resume=a.resume, fresh=a.fresh,
                runs_root=a.runs)
 
@@ -494,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
     se.add_argument("--name", help="override the run name (runs/<name>/)")
     se.add_argument("--runs", type=out_dir, default="runs", help="root directory of run directories")
+    se.add_argument("--warm-start", action="append", metavar="RUN_DIR", help=(
+        "reuse an earlier search's results (runs/<name>, same model, metric and seed; repeatable; "
+        "overrides the space's warm_start)"))
     g = se.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the search in runs/<name>/")
     g.add_argument("--fresh", action="store_true", help="delete runs/<name>/ and start over")

@@ -296,6 +296,9 @@ class SearchConfig(_Cfg):
     seed: int = 0
     final_top_k: int = Field(default=3, ge=1, description="schedules per NFE re-evaluated at the end")
     seed_schedules: tuple[str, ...] = Field(default=(), description="schedule JSON files evaluated first (source 'user')")
+    warm_start: tuple[str, ...] = Field(default=(), description=(
+        "earlier run directories (runs/<name>) of the same model, metric and seed: their results enter "
+        "the pool as evaluated (source 'warm'), cost no budget and are not evaluated again"))
     baselines: tuple[str, ...] = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s")
     discretizations: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "time_quadratic", "edm")
 

@@ -101,6 +101,35 @@ def test_screened_search_end_to_end(tmp_path):
     assert all("screen_vs_full_tau" in t for t in summary["predictor_tau"])
 
 
+def test_warm_started_search_end_to_end(tmp_path):
+    """`s3 search --warm-start runs/<earlier>`: the earlier search's results are reused (count in the
+    output and summary), none is evaluated again, the budget pays for new trials only."""
+    space = write_space(tmp_path, name="first", budget=8)
+    search_to_end(space, tmp_path)
+    first = tmp_path / "runs" / "first"
+    first_hashes = {r["schedule_hash"] for r in json.loads(
+        max((first / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())["results"]}
+    assert len(first_hashes) == 8
+    try:
+        r = run(search_cmd(space, tmp_path / "runs", "--name", "second", "--warm-start", str(first)), search_env(tmp_path),
+                tmp_path)
+    finally:
+        stop_test_ray(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "warm start: 8 earlier results reused" in r.stdout and "Warm start: 8 earlier results reused" in r.stdout
+    second = tmp_path / "runs" / "second"
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["warm_start"] == {"runs": [str(first)], "reused": 8} and summary["trials"] == 8
+    runs = trial_runs(second / "mlflow.db", "second")
+    assert len(runs) == 8 and not {x.data.tags["s3.schedule_hash"] for x in runs} & first_hashes
+    # another metric's results are refused before anything starts
+    other = write_space(tmp_path, name="third", metric={"kind": "rmse", "samples": [200]})
+    r = run(search_cmd(other, tmp_path / "runs", "--warm-start", str(first)), search_env(tmp_path), tmp_path)
+    stop_test_ray(tmp_path)
+    assert r.returncode == 2 and "warm_start[0]" in r.stderr and "metric.kind" in r.stderr
+    assert not (tmp_path / "runs" / "third").exists()
+
+
 def finished(runs):
     """Child runs whose logging is complete (a run is created RUNNING, then filled and terminated)."""
     return [x for x in runs if x.info.status != "RUNNING"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -75,6 +76,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     files, the tracking server, Ray's resources); only then does ``fresh`` delete the old run. A
     search that fails after its MLflow parent run exists marks that run FAILED with the reason."""
     from s3_ray.search.preflight import check_files, check_resources, run_dir_for
+    from s3_ray.search.warm_start import load_warm_results
     from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, read_tracking, write_tracking
 
     try:
@@ -90,6 +92,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
         raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
     try:
         cfg = check_files(cfg)  # with the decisions the target can run
+        warm = [] if resume else load_warm_results(cfg)  # read before --fresh may delete a listed run
     except ValueError as e:
         raise SearchError(str(e)) from None
     tracking = read_tracking(run_dir / TRACKING_FILE) if resume else {}
@@ -123,7 +126,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     write_tracking(run_dir / TRACKING_FILE, uri, cfg.name, artifacts, parent_id)
     try:
         return _search(cfg, run_dir, tracker, parent_id, algo=algo, resume=resume, out=out,
-                       browse=_browse(uri, local_store, tracker.experiment_id))
+                       browse=_browse(uri, local_store, tracker.experiment_id), warm=warm)
     except Exception as e:
         tracker.fail_parent(parent_id, first_line(e))
         raise
@@ -157,7 +160,7 @@ def _tracker(uri: str, name: str, artifacts: str | None):
 
 
 def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: str, resume: bool, out,
-            browse: str) -> dict:
+            browse: str, warm: list[dict] = ()) -> dict:
     """Tune's fit, the final re-evaluation and the summary (the run directory and tracking are set up)."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -185,7 +188,10 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     else:
         from s3_ray.search.seed_baselines import gits_grids
 
-        searcher = S3Searcher(cfg, algo=algo, gits_grids=gits_grids(cfg, out) if algo in ("s3", "evolution") else {})
+        searcher = S3Searcher(cfg, algo=algo, gits_grids=gits_grids(cfg, out) if algo in ("s3", "evolution") else {},
+                              warm_results=list(warm))
+        if cfg.warm_start:
+            print(f"warm start: {searcher.n_warm} earlier results reused from {', '.join(cfg.warm_start)}", file=out)
         searcher.trial_settings = {"cache_dir": str(run_dir / "results-cache")}
         tuner = tune.Tuner(
             fn,
@@ -204,7 +210,9 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
           file=out)
 
     full = [r for r in records if "screen" not in r[1]]  # screening trials are in MLflow, not in the tables
-    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir))
+    state = _searcher_state(tune_dir)
+    warm_used = [r for r in state.get("results", []) if r.get("source") == "warm"]
+    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir), warm=warm_used)
     summary["screened_trials"] = len(records) - len(full)
     if added is None:  # MLflow was down when the trials ended: try again after the final evaluation
         added = _sync(tracker, records, out, last=True)
@@ -223,19 +231,21 @@ def _search_progress(cfg: SearchConfig, algo: str):
     return SearchProgress(cfg.budget, cfg.metric.kind, stages=cfg.stages if algo == "s3" else None)
 
 
-def _searcher_taus(tune_dir: Path) -> list[dict]:
-    """Per-stage predictor quality (``predictor_quality``) from the searcher's last saved state
-    (JSON despite Tune's file name); [] if there is none."""
+def _searcher_state(tune_dir: Path) -> dict:
+    """The searcher's last saved state (JSON despite Tune's file name); {} if there is none."""
     files = sorted(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return []
+    try:
+        return json.loads(files[-1].read_text()) if files else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _searcher_taus(tune_dir: Path) -> list[dict]:
+    """Per-stage predictor quality (``predictor_quality``) from the searcher's last saved state; [] if none."""
     from s3_ray.search.searcher import predictor_quality
 
-    try:
-        state = json.loads(files[-1].read_text())
-    except (OSError, ValueError):
-        return []
-    return predictor_quality(state)
+    state = _searcher_state(tune_dir)
+    return predictor_quality(state) if state else []
 
 
 def _sync(tracker, records, out, last: bool = False) -> int | None:
@@ -262,9 +272,10 @@ def _final_eval_task(schedule_json: str, model_json: str, metric_json: str, n: i
     return evaluate(SolverSchedule.from_json(schedule_json), target, n=n, seed=seed)
 
 
-def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out, taus=()) -> dict:
-    """Re-evaluate the top-k searched schedules and every baseline per NFE with more samples on fresh
-    seeds; export the best schedule per NFE; write summary.md; log the parent run."""
+def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out, taus=(), warm=()) -> dict:
+    """Re-evaluate the top-k searched schedules (this search's and the reused ``warm`` results) and
+    every baseline per NFE with more samples on fresh seeds; export the best schedule per NFE; write
+    summary.md; log the parent run."""
     import ray
 
     noise = noise_for(cfg.model)
@@ -272,6 +283,9 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     for _, c, r in records:
         if c["source"] != "baseline" and not r.get("failed"):
             by_nfe[c["nfe"]].append((r["score"], c["schedule"]))
+    for r in warm:  # (a reused baseline result is re-evaluated as a baseline below, not as searched)
+        if not r["failed"] and r["nfe"] in cfg.nfe and r.get("warm_source") != "baseline":
+            by_nfe[r["nfe"]].append((r["score"], r["schedule"]))
     from s3_ray.search.seed_baselines import baseline_schedules, gits_grids
 
     baseline_set = baseline_schedules(cfg, noise, gits_grids(cfg, out))
@@ -311,6 +325,7 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     summary = {"name": cfg.name, "metric": cfg.metric.kind, "reference": cfg.metric.reference,
                "final_samples": cfg.metric.final_samples, "final_seeds": seeds, "converged": conv_score, "rows": rows,
                "predictor_tau": list(taus), "trials": len(records),
+               "warm_start": {"runs": list(cfg.warm_start), "reused": len(warm)}, "pareto": pareto_front(rows),
                "all": [{"nfe": n, "kind": k, "label": lab, "score": sc} for (n, k, lab, _), sc in zip(candidates, scores)]}
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)
@@ -347,6 +362,18 @@ def _sample_grids(cfg: SearchConfig, best_dir: Path, grid_dir: Path, n: int = 64
         image_grid(uint8_images(x), grid_dir / f"{f.stem}.png")
 
 
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The non-dominated (NFE, score) points of a search's final table: an NFE is on the front when
+    its best schedule (the exported one, searched or baseline) scores lower than every smaller NFE's."""
+    front, best = [], math.inf
+    for r in sorted(rows, key=lambda r: r["nfe"]):
+        score = min(x for x in (r["searched"], r["best_baseline_score"]) if x is not None)
+        if score < best:
+            front.append({"nfe": r["nfe"], "score": score, "schedule": r["exported"]})
+            best = score
+    return front
+
+
 def summary_markdown(summary: dict) -> str:
     metric = summary["metric"].upper()
     against = "vs a converged solve from the same noise" if metric == "RMSE" else f"{summary['reference']} reference"
@@ -365,6 +392,15 @@ def summary_markdown(summary: dict) -> str:
                   "evaluated: " + ", ".join(f"stage {t['stage']}: {t['kendall_tau']:.2f} (n={t['n_train']}) / "
                                             f"{t.get('proposal_tau', float('nan')):.2f} (n={t.get('n_evaluated', 0)})"
                                             for t in taus)]
+    if summary.get("pareto"):
+        on = {p["nfe"] for p in summary["pareto"]}
+        off = [r["nfe"] for r in summary["rows"] if r["nfe"] not in on]
+        lines += ["", "Pareto front (best final score vs NFE): " + ", ".join(
+            f"NFE {p['nfe']}: {p['score']:.3f} ({p['schedule']})" for p in summary["pareto"])
+            + (f"; off the front (a smaller NFE does as well): {', '.join(map(str, off))}" if off else "")]
+    warm = summary.get("warm_start") or {}
+    if warm.get("runs"):
+        lines += ["", f"Warm start: {warm['reused']} earlier results reused from {', '.join(warm['runs'])}."]
     screened = [t for t in taus if "screen_vs_full_tau" in t]
     if screened:
         lines += ["", f"Screening ({summary.get('screened_trials', 0)} screening trials): Kendall tau per stage, "
@@ -386,6 +422,7 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
                 metrics.append(Metric(f"best_nfe{r['nfe']}", r["searched"], 0, 0))
             metrics.append(Metric(f"baseline_nfe{r['nfe']}", r["best_baseline_score"], 0, 0))
         metrics.append(Metric("converged", summary["converged"], 0, 0))
+        metrics += [Metric(f"pareto_nfe{p['nfe']}", p["score"], 0, 0) for p in summary.get("pareto", [])]
         metrics += [Metric(key, t[key], 0, t["stage"]) for t in summary.get("predictor_tau", [])
                     for key in ("kendall_tau", "proposal_tau", "predicted_vs_screen_tau", "screen_vs_full_tau")
                     if t.get(key) is not None and t[key] == t[key]]

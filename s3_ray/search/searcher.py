@@ -49,8 +49,9 @@ class S3Searcher(Searcher):
     """``suggest(trial_id)`` -> trial config | None (ask again later) | Searcher.FINISHED."""
 
     def __init__(self, config: SearchConfig, algo: str = "s3", metric: str = "score", mode: str = "min",
-                 gits_grids: dict[str, list[float]] | None = None):
-        """``gits_grids``: ``seed_baselines.gits_grids(config)``, needed when discretizations list gits."""
+                 gits_grids: dict[str, list[float]] | None = None, warm_results: list[dict] | None = None):
+        """``gits_grids``: ``seed_baselines.gits_grids(config)``, needed when discretizations list gits;
+        ``warm_results``: ``warm_start.load_warm_results(config)`` (S3 and evolution breed from them)."""
         super().__init__(metric=metric, mode=mode)
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
@@ -80,6 +81,7 @@ class S3Searcher(Searcher):
         self.submit_plan = _submit_plan  # runs a stage's planning beside the search (a simulation's clock)
         self.waiting_for = None  # why the last suggest returned None: 'results' or 'planning'
         self._gits_grids = gits_grids or {}
+        self._add_warm(warm_results or [])
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
@@ -92,6 +94,16 @@ class S3Searcher(Searcher):
         samples = self.cfg.metric.samples[min(max(stage, 0), len(self.cfg.metric.samples) - 1)]
         return {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
                 "samples": samples, "seed": self.cfg.seed, "cost": 1.0}
+
+    def _add_warm(self, warm: list[dict]):
+        """Earlier results as if evaluated before this search (indices -n..-1, before every trial):
+        never suggested again, no budget; the pool-based algorithms train and breed on them."""
+        if self.algo not in ("s3", "evolution"):
+            warm = []  # random search and TPE do not read the pool
+        for i, r in enumerate(warm):
+            self.seen.add(r["schedule_hash"])
+            self.results.append({**r, "index": i - len(warm), "stage": -2, "trial_id": None})
+        self.n_warm = len(warm)
 
     def _plan_seed_phase(self):
         cfg = self.cfg
@@ -364,7 +376,7 @@ class S3Searcher(Searcher):
         return {"version": STATE_VERSION, "config": self.cfg.model_dump(mode="json"), "algo": self.algo,
                 "rng": self.rng.bit_generator.state, "queue": self.queue, "pending": self.pending,
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
-                "spent": self.spent, "rung": self.rung, "screened": self.screened,
+                "spent": self.spent, "rung": self.rung, "screened": self.screened, "n_warm": self.n_warm,
                 "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus,
                 "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
@@ -379,9 +391,11 @@ class S3Searcher(Searcher):
         self.queue, self.pending, self.results = state["queue"], state["pending"], state["results"]
         self.seen, self.n_suggested = set(state["seen"]), state["n_suggested"]
         self.spent, self.rung, self.screened = state["spent"], state["rung"], state["screened"]
+        self.n_warm = state["n_warm"]
         self._done_prefix, self._done_above = 0, set()
         for r in self.results:
-            self._count_done(r["index"])
+            if r["index"] >= 0:  # (warm results come before the search's first trial)
+                self._count_done(r["index"])
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None

@@ -67,6 +67,10 @@ def fid_vs_nfe_plot(summary: dict, path) -> Path:
     s = [(r["nfe"], r["searched"]) for r in rows if r["searched"] is not None]
     if s:
         ax.plot(*zip(*s), "o-", color="tab:red", lw=2.5, label="S3 (searched)")
+    front = summary.get("pareto") or []
+    if front:
+        ax.plot([p["nfe"] for p in front], [p["score"] for p in front], "*", color="gold", mec="k", ms=13, zorder=5,
+                label="Pareto front (best per NFE)")
     ax.axhline(summary["converged"], color="gray", lw=1.2, ls="--", label="converged")
     ax.set_xlabel("NFE")
     ax.set_ylabel(summary["metric"].upper())

@@ -1,0 +1,86 @@
+"""Warm starts: a search seeded with an earlier search's results (same model, metric and seed).
+
+Searchers driven without Ray on the analytic Gaussian-mixture target (as test_searcher.py); the
+earlier search's state is saved where a run directory keeps it (``<run>/tune/searcher-state-*.pkl``)."""
+
+import pytest
+
+from s3_ray.config import parse_config
+from s3_ray.search.searcher import S3Searcher
+from s3_ray.search.warm_start import load_warm_results
+
+from .test_searcher import run_loop
+
+CFG = {
+    "name": "gmm-warm",
+    "model": {"kind": "gmm"},
+    "metric": {"kind": "rmse", "samples": [64]},
+    "nfe": [4, 5],
+    "budget": 40,
+    "stages": 2,
+    "random_init": 3,
+    "baselines": ["ddim", "dpm_solver_pp_2m", "unipc_bh2"],
+    "discretizations": ["logsnr_uniform", "time_uniform"],
+    "predictor": {"epochs": 60, "candidates": 120},
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    run = tmp_path_factory.mktemp("earlier")
+    (run / "tune").mkdir()
+    s = S3Searcher(parse_config(CFG), algo="s3")
+    assert run_loop(s) == "finished"
+    s.save(str(run / "tune" / "searcher-state-2026-12-05_00-00-00.pkl"))
+    return run, s
+
+
+def test_a_warm_search_reuses_every_result_and_never_reevaluates_one(earlier):
+    run, first = earlier
+    cfg = parse_config({**CFG, "budget": 30, "warm_start": [str(run)]})
+    warm = load_warm_results(cfg)
+    assert len(warm) == len(first.results) == 40
+    assert {w["schedule_hash"] for w in warm} == {r["schedule_hash"] for r in first.results}
+    s = S3Searcher(cfg, algo="s3", warm_results=warm)
+    assert s.n_warm == 40
+    assert run_loop(s) == "finished"
+    new = [r for r in s.results if r["source"] != "warm"]
+    assert len(new) == cfg.budget  # the budget pays for new evaluations only
+    assert not {r["schedule_hash"] for r in new} & {w["schedule_hash"] for w in warm}
+    assert not [r for r in new if r["source"] == "baseline"]  # every seed baseline was reused
+    assert s.taus[0]["n_train"] >= 40  # the first stage's predictor trained on the reused results
+    # a later search also starts from the reused results when restored
+    restored = S3Searcher(cfg, algo="s3", warm_results=warm)
+    restored.set_state(s.get_state())
+    assert restored.n_warm == 40 and len(restored.results) == 70
+
+
+def test_only_results_at_a_searched_nfe_are_reused(earlier):
+    run, first = earlier
+    cfg = parse_config({**CFG, "nfe": [5, 6], "warm_start": [str(run)]})
+    warm = load_warm_results(cfg)
+    assert len(warm) == sum(1 for r in first.results if r["nfe"] == 5) > 0 and {w["nfe"] for w in warm} == {5}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model": {"kind": "gmm", "noise_schedule": "vp_cosine"}}, "model.noise_schedule"),
+    ({"metric": {"kind": "rmse", "samples": [128]}}, "metric.samples"),
+    ({"metric": {"kind": "rmse", "samples": [64], "worst_score": 5.0}}, "metric.worst_score"),
+    ({"seed": 8}, "seed"),
+])
+def test_results_of_another_model_metric_or_seed_are_refused(earlier, change, field):
+    run, _ = earlier
+    cfg = parse_config({**CFG, **change, "warm_start": [str(run)]})
+    with pytest.raises(ValueError, match=rf"warm_start\[0\] \(.*\) (was searched with|was scored with|used) {field}"):
+        load_warm_results(cfg)
+
+
+def test_a_directory_without_a_search_is_refused(tmp_path):
+    cfg = parse_config({**CFG, "warm_start": [str(tmp_path)]})
+    with pytest.raises(ValueError, match="warm_start: .* holds no finished search"):
+        load_warm_results(cfg)
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "searcher-state-x.pkl").write_text("not json")
+    with pytest.raises(ValueError, match="is not a searcher state"):
+        load_warm_results(cfg)
