@@ -232,6 +232,19 @@ class PredictorConfig(_Cfg):
     max_train: int = Field(default=1000, ge=2, description=(
         "results one stage trains on at most (beyond: per NFE the best quarter and a seeded sample of the "
         "rest), so planning costs no more at 10,000 results than at this many"))
+    ensemble: int = Field(default=1, ge=1, le=32, description=(
+        "predictors per stage, each from its own seed on a bootstrap resample of the training set (1: one "
+        "predictor on all of it)"))
+    acquisition: Literal["mean", "ucb"] = Field(default="mean", description=(
+        "how candidates are ranked: 'mean' of the members' standardised predictions, or 'ucb': mean - kappa x "
+        "their spread (optimistic, for a minimised score; needs ensemble >= 2)"))
+    kappa: float = Field(default=1.0, ge=0, description="weight of the members' spread under acquisition 'ucb'")
+
+    @model_validator(mode="after")
+    def _acquisition(self):
+        if self.acquisition == "ucb" and self.ensemble < 2:
+            raise ValueError("acquisition: 'ucb' needs the members' spread: set predictor.ensemble >= 2")
+        return self
 
 
 class ResourcesConfig(_Cfg):

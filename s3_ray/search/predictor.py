@@ -543,6 +543,49 @@ class Predictor:
         return p
 
 
+class PredictorEnsemble:
+    """``cfg.ensemble`` predictors: member i is trained from seed ``seed + 1000 i`` on a seeded
+    bootstrap resample of the training schedules (one member: all of them, exactly ``Predictor``).
+    ``acquire`` ranks candidates by ``cfg.acquisition``; a member's outputs have no unit, so each is
+    standardised over the candidates of each NFE before the members are combined."""
+
+    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, encoding_cache: dict | None = None):
+        self.cfg, self.noise, self.seed, self.encoding_cache = cfg, noise, int(seed), encoding_cache
+        self.members: list[Predictor] = []
+
+    def fit(self, schedules: Sequence[SolverSchedule], scores) -> PredictorEnsemble:
+        schedules, scores = list(schedules), np.asarray(scores, dtype=np.float64)
+        rng = np.random.default_rng(self.seed)
+        self.members = []
+        for i in range(self.cfg.ensemble):
+            idx = np.arange(len(schedules)) if self.cfg.ensemble == 1 else np.sort(rng.integers(0, len(schedules), len(schedules)))
+            member = Predictor(self.cfg, self.noise, seed=self.seed + 1000 * i, encoding_cache=self.encoding_cache)
+            self.members.append(member.fit([schedules[j] for j in idx], scores[idx]))
+        return self
+
+    def predict_members(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
+        """[members, candidates]: each member's predictions, standardised within each NFE (one member:
+        its raw predictions)."""
+        raw = np.stack([m.predict(schedules) for m in self.members]) if schedules else np.zeros((len(self.members), 0))
+        if len(self.members) == 1:
+            return raw
+        nfes = np.array([s.nfe() for s in schedules])
+        for v in np.unique(nfes):
+            sel = nfes == v
+            block = raw[:, sel]
+            sd = block.std(1, keepdims=True)
+            raw[:, sel] = (block - block.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+        return raw
+
+    def acquire(self, schedules: Sequence[SolverSchedule]) -> tuple[np.ndarray, np.ndarray]:
+        """(acquisition value: lower = evaluate first, the members' mean prediction), per candidate."""
+        z = self.predict_members(list(schedules))
+        mean = z.mean(0)
+        if self.cfg.acquisition == "ucb":
+            return mean - self.cfg.kappa * z.std(0), mean
+        return mean, mean
+
+
 # ---------------------------------------------------------------------------------------------
 # quality
 

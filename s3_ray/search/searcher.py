@@ -35,7 +35,7 @@ from ray.tune.search import Searcher
 
 from s3_ray.config import SearchConfig
 from s3_ray.models.pipeline import noise_for
-from s3_ray.search.predictor import Predictor, heldout_tau, per_nfe_tau
+from s3_ray.search.predictor import PredictorEnsemble, heldout_tau, per_nfe_tau
 from s3_ray.search.seed_baselines import baseline_schedules
 from s3_ray.search.space import propose, random_schedule_at_nfe
 from s3_ray.search.tpe import TPEProposer
@@ -170,16 +170,16 @@ class S3Searcher(Searcher):
         results = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
                                   self.cfg.seed + stage)
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
-        predictor = Predictor(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
-                              encoding_cache=self._encodings)
+        predictor = PredictorEnsemble(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
+                                      encoding_cache=self._encodings)
         predictor.fit(schedules, [r["score"] for r in results])
         cands = self._mutants(max(self.cfg.predictor.candidates, n_choose), stage, "predictor", results, rng, seen)
         for c in cands:  # only the chosen ones stay "seen"
             seen.discard(c["schedule_hash"])
-        pred = predictor.predict([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else []
+        acq, pred = predictor.acquire([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else ([], [])
         by_nfe = defaultdict(list)
-        for c, p in zip(cands, pred):
-            by_nfe[c["nfe"]].append((float(p), {**c, "predicted": float(p)}))
+        for c, a, p in zip(cands, acq, pred):  # "predicted": the members' mean, what proposal_tau measures
+            by_nfe[c["nfe"]].append((float(a), {**c, "predicted": float(p)}))
         for group in by_nfe.values():
             group.sort(key=lambda pc: pc[0])
         chosen = round_robin({nfe: [c for _, c in g] for nfe, g in by_nfe.items()}, n_choose)
