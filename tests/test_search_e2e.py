@@ -84,7 +84,7 @@ def test_screened_search_end_to_end(tmp_path):
     space = write_space(tmp_path, name="screened", budget=12, plan_ahead=1, screen=screen)
     r = search_to_end(space, tmp_path)
     run_dir = tmp_path / "runs" / "screened"
-    assert "| NFE | S3 FID | best baseline" in r.stdout
+    assert "| NFE | S3 FID | best baseline" in r.stdout and "Screening (6 screening trials)" in r.stdout
     state = json.loads(max((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())
     # seed phase: 2 baselines + 2 random = 4; stages of 4: 3 survivors of 6 screened (3 + 0.6 <= 4)
     assert len(state["results"]) == 4 + 2 * 3 and len(state["screened"]) == 2 * 6

@@ -212,8 +212,8 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     full = [r for r in records if "screen" not in r[1]]  # screening trials are in MLflow, not in the tables
     state = _searcher_state(tune_dir)
     warm_used = [r for r in state.get("results", []) if r.get("source") == "warm"]
-    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir), warm=warm_used)
-    summary["screened_trials"] = len(records) - len(full)
+    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir), warm=warm_used,
+                       screened_trials=len(records) - len(full))
     if added is None:  # MLflow was down when the trials ended: try again after the final evaluation
         added = _sync(tracker, records, out, last=True)
         if added is not None:
@@ -272,7 +272,8 @@ def _final_eval_task(schedule_json: str, model_json: str, metric_json: str, n: i
     return evaluate(SolverSchedule.from_json(schedule_json), target, n=n, seed=seed)
 
 
-def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out, taus=(), warm=()) -> dict:
+def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str, out, taus=(), warm=(),
+             screened_trials: int = 0) -> dict:
     """Re-evaluate the top-k searched schedules (this search's and the reused ``warm`` results) and
     every baseline per NFE with more samples on fresh seeds; export the best schedule per NFE; write
     summary.md; log the parent run."""
@@ -326,6 +327,7 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
                "final_samples": cfg.metric.final_samples, "final_seeds": seeds, "converged": conv_score, "rows": rows,
                "predictor_tau": list(taus), "trials": len(records),
                "warm_start": {"runs": list(cfg.warm_start), "reused": len(warm)}, "pareto": pareto_front(rows),
+               "screened_trials": screened_trials,
                "all": [{"nfe": n, "kind": k, "label": lab, "score": sc} for (n, k, lab, _), sc in zip(candidates, scores)]}
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)
