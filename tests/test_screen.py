@@ -15,16 +15,13 @@ from s3_ray.search.searcher import S3Searcher, predictor_quality, screen_split
 from s3_ray.search.trial import run_trial
 from s3_ray.usf.schedule import SolverSchedule
 
-CFG = {
+from .test_searcher import CFG as SEARCHER_CFG
+
+CFG = {  # the searcher tests' Gaussian-mixture search, smaller
+    **SEARCHER_CFG,
     "name": "gmm-screen",
-    "model": {"kind": "gmm"},
-    "metric": {"kind": "rmse", "samples": [64]},
-    "nfe": [4, 5],
     "budget": 60,
-    "stages": 2,
     "random_init": 3,
-    "baselines": ["ddim", "dpm_solver_pp_2m", "unipc_bh2"],
-    "discretizations": ["logsnr_uniform", "time_uniform"],
     "predictor": {"epochs": 60, "candidates": 120},
     "screen": {"samples": 16, "factor": 3, "cost": 0.1, "batch": 8},
     "seed": 5,

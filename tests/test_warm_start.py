@@ -9,18 +9,14 @@ from s3_ray.config import parse_config
 from s3_ray.search.searcher import S3Searcher
 from s3_ray.search.warm_start import load_warm_results
 
+from .test_searcher import CFG as SEARCHER_CFG
 from .test_searcher import run_loop
 
-CFG = {
+CFG = {  # the searcher tests' Gaussian-mixture search, smaller
+    **SEARCHER_CFG,
     "name": "gmm-warm",
-    "model": {"kind": "gmm"},
-    "metric": {"kind": "rmse", "samples": [64]},
-    "nfe": [4, 5],
     "budget": 40,
-    "stages": 2,
     "random_init": 3,
-    "baselines": ["ddim", "dpm_solver_pp_2m", "unipc_bh2"],
-    "discretizations": ["logsnr_uniform", "time_uniform"],
     "predictor": {"epochs": 60, "candidates": 120},
     "seed": 7,
 }
