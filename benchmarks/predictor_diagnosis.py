@@ -34,13 +34,6 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _state(run_dir: Path) -> dict:
-    files = sorted((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no searcher state under {run_dir / 'tune'}")
-    return json.loads(files[-1].read_text())  # JSON despite Tune's file name
-
-
 def _noise_sd(fidelity: Path, target: str) -> dict[int, float]:
     data = json.loads(fidelity.read_text())
     for t in data["targets"]:
@@ -63,10 +56,10 @@ def diagnose(run_dir: Path, fidelity: Path) -> dict:
     from s3_ray.config import SearchConfig
     from s3_ray.models.pipeline import noise_for
     from s3_ray.search.predictor import Predictor, heldout_tau, per_nfe_tau
-    from s3_ray.search.searcher import training_subset
+    from s3_ray.search.searcher import load_saved_state, training_subset
     from s3_ray.usf.schedule import SolverSchedule
 
-    state = _state(run_dir)
+    state = load_saved_state(run_dir / "tune")
     cfg = SearchConfig.model_validate(state["config"])
     noise = noise_for(cfg.model)
     noise_sd = _noise_sd(fidelity, cfg.model.kind)

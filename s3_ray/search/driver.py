@@ -166,7 +166,7 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     from ray.tune.logger import JsonLoggerCallback
 
     from s3_ray.search.actor_cache import keep_idle_trial_actors
-    from s3_ray.search.searcher import S3Searcher
+    from s3_ray.search.searcher import S3Searcher, predictor_quality
     from s3_ray.search.trial import trainable
     from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, MlflowTrialCallback
 
@@ -212,7 +212,8 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
     full = [r for r in records if "screen" not in r[1]]  # screening trials are in MLflow, not in the tables
     state = _searcher_state(tune_dir)
     warm_used = [r for r in state.get("results", []) if r.get("source") == "warm"]
-    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=_searcher_taus(tune_dir), warm=warm_used,
+    taus = predictor_quality(state) if state else []
+    summary = finalize(cfg, full, run_dir, tracker, parent_id, out, taus=taus, warm=warm_used,
                        screened_trials=len(records) - len(full))
     if added is None:  # MLflow was down when the trials ended: try again after the final evaluation
         added = _sync(tracker, records, out, last=True)
@@ -232,20 +233,13 @@ def _search_progress(cfg: SearchConfig, algo: str):
 
 
 def _searcher_state(tune_dir: Path) -> dict:
-    """The searcher's last saved state (JSON despite Tune's file name); {} if there is none."""
-    files = sorted(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    """The searcher's last saved state; {} if there is none."""
+    from s3_ray.search.searcher import load_saved_state
+
     try:
-        return json.loads(files[-1].read_text()) if files else {}
-    except (OSError, ValueError):
+        return load_saved_state(tune_dir)
+    except ValueError:
         return {}
-
-
-def _searcher_taus(tune_dir: Path) -> list[dict]:
-    """Per-stage predictor quality (``predictor_quality``) from the searcher's last saved state; [] if none."""
-    from s3_ray.search.searcher import predictor_quality
-
-    state = _searcher_state(tune_dir)
-    return predictor_quality(state) if state else []
 
 
 def _sync(tracker, records, out, last: bool = False) -> int | None:
@@ -285,7 +279,7 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
         if c["source"] != "baseline" and not r.get("failed"):
             by_nfe[c["nfe"]].append((r["score"], c["schedule"]))
     for r in warm:  # (a reused baseline result is re-evaluated as a baseline below, not as searched)
-        if not r["failed"] and r["nfe"] in cfg.nfe and r.get("warm_source") != "baseline":
+        if not r["failed"] and r.get("warm_source") != "baseline":  # (loaded at the searched NFEs only)
             by_nfe[r["nfe"]].append((r["score"], r["schedule"]))
     from s3_ray.search.seed_baselines import baseline_schedules, gits_grids
 

@@ -103,7 +103,11 @@ class S3Searcher(Searcher):
         for i, r in enumerate(warm):
             self.seen.add(r["schedule_hash"])
             self.results.append({**r, "index": i - len(warm), "stage": -2, "trial_id": None})
-        self.n_warm = len(warm)
+
+    @property
+    def n_warm(self) -> int:
+        """How many earlier results this search reused (``warm_results``)."""
+        return sum(1 for r in self.results if r["source"] == "warm")
 
     def _plan_seed_phase(self):
         cfg = self.cfg
@@ -376,7 +380,7 @@ class S3Searcher(Searcher):
         return {"version": STATE_VERSION, "config": self.cfg.model_dump(mode="json"), "algo": self.algo,
                 "rng": self.rng.bit_generator.state, "queue": self.queue, "pending": self.pending,
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
-                "spent": self.spent, "rung": self.rung, "screened": self.screened, "n_warm": self.n_warm,
+                "spent": self.spent, "rung": self.rung, "screened": self.screened,
                 "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus,
                 "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
@@ -391,7 +395,6 @@ class S3Searcher(Searcher):
         self.queue, self.pending, self.results = state["queue"], state["pending"], state["results"]
         self.seen, self.n_suggested = set(state["seen"]), state["n_suggested"]
         self.spent, self.rung, self.screened = state["spent"], state["rung"], state["screened"]
-        self.n_warm = state["n_warm"]
         self._done_prefix, self._done_above = 0, set()
         for r in self.results:
             if r["index"] >= 0:  # (warm results come before the search's first trial)
@@ -451,6 +454,20 @@ def training_subset(results: list[dict], cap: int, seed: int) -> list[dict]:
         rest = order[k // 4:]
         keep += best + [rest[j] for j in rng.choice(len(rest), size=min(k - len(best), len(rest)), replace=False)]
     return [results[i] for i in sorted(keep)]
+
+
+def load_saved_state(tune_dir) -> dict:
+    """The searcher's last saved state in a run's ``tune/`` directory (JSON, despite Tune's file
+    name). ValueError when there is none or it is unreadable."""
+    from pathlib import Path
+
+    files = sorted(Path(tune_dir).glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise ValueError(f"{tune_dir} holds no finished search (no searcher-state-*.pkl)")
+    try:
+        return json.loads(files[-1].read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{files[-1]} is not a searcher state ({e})") from None
 
 
 def screen_split(budget: float, screen) -> int:

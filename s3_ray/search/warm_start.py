@@ -11,25 +11,14 @@ refused with the field that differs. Each schedule counts once (the earliest run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from s3_ray.config import SearchConfig
+from s3_ray.search.searcher import load_saved_state
 
 # What a score depends on besides the schedule (metric.final_* only shape the final table).
 METRIC_FIELDS = ("kind", "reference", "samples", "reference_samples", "feature_extractor",
                  "feature_extractor_weights_path", "worst_score")
-
-
-def searcher_state(run_dir: Path) -> dict:
-    """The searcher's last saved state in ``run_dir/tune`` (JSON, despite Tune's file name)."""
-    files = sorted((Path(run_dir) / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise ValueError(f"warm_start: {run_dir} holds no finished search (no tune/searcher-state-*.pkl)")
-    try:
-        return json.loads(files[-1].read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"warm_start: {files[-1]} is not a searcher state ({e})") from None
 
 
 def check_compatible(cfg: SearchConfig, other: SearchConfig, where: str) -> None:
@@ -55,7 +44,10 @@ def load_warm_results(cfg: SearchConfig) -> list[dict]:
     out, seen = [], set()
     for i, d in enumerate(cfg.warm_start):
         where = f"warm_start[{i}] ({d})"
-        state = searcher_state(Path(d))
+        try:
+            state = load_saved_state(Path(d) / "tune")
+        except ValueError as e:
+            raise ValueError(f"warm_start: {e}") from None
         try:
             other = SearchConfig.model_validate(state["config"])
         except (KeyError, ValueError) as e:
