@@ -53,6 +53,10 @@ class Postgres:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
                   "-A", "scram-sha-256", "--no-sync", "-E", "UTF8")
         pwfile.unlink()
+        self.start()
+
+    def start(self):
+        """Start the server on this cluster's data dir and port (again, after ``shut_down``)."""
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
                   f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
@@ -78,12 +82,16 @@ class Postgres:
     def version(self) -> str:
         return subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
 
-    def stop(self):
+    def shut_down(self):
+        """End the server (a "fast" shutdown: open connections are cut), keeping its data."""
         try:
-            os.kill(self.pid, signal.SIGINT)  # "fast" shutdown of the postmaster we started
+            os.kill(self.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
         end = time.time() + 30
         while time.time() < end and Path(f"/proc/{self.pid}").exists():
             time.sleep(0.2)
+
+    def stop(self):
+        self.shut_down()
         shutil.rmtree(self.dir, ignore_errors=True)

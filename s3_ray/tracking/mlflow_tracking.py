@@ -84,15 +84,27 @@ def write_tracking(path, uri: str, experiment: str, artifact_root: str | None, p
 
 
 def server_reachable(uri: str, timeout: float = 2.0) -> bool:
-    """A cheap probe: True unless ``uri`` is an HTTP tracking server whose ``/health`` does not answer."""
+    """A cheap probe: True unless ``uri`` is an HTTP tracking server that does not answer, or
+    whose backend store does not (a server on PostgreSQL answers ``/health`` while its database is
+    down, and answers store requests with 5xx: that is an outage too)."""
     if not uri.startswith(("http://", "https://")):
         return True
+    import urllib.error
     import urllib.request
 
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
+            if r.status != 200:
+                return False
     except Exception:  # noqa: BLE001 (any failure means: not reachable now)
+        return False
+    try:
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id=0", timeout=timeout):
+            return True
+    except urllib.error.HTTPError as e:  # a 4xx (no experiment 0, auth) still means the store answered
+        return e.code < 500
+    except Exception:  # noqa: BLE001
         return False
 
 
