@@ -9,9 +9,9 @@ and its model calls counted (computed afresh here, not read from the cache). S3'
 from ``--run`` (default runs/digits, written by ``make search``; the script runs that search when
 the run is missing) and its cost from that run's summary.
 
-    python benchmarks/peers_digits.py [--run runs/digits] [--nfe 3,4,5,6]
+    python benchmarks/peers_digits.py [--space digits|digits_cfg] [--run runs/<space>] [--nfe 3,4,5,6]
 
-Writes benchmarks/results/peers_digits.{json,md}. Target (issue 15): S3 <= 0.8 x the best peer at
+Writes benchmarks/results/peers_<space>.{json,md}. Target (issue 15): S3 <= 0.8 x the best peer at
 NFE 4 and 5; the script exits 1 when it is missed.
 """
 
@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = ROOT / "search_spaces" / "digits.yaml"
+SPACE = ROOT / "search_spaces" / "digits.yaml"  # --space digits_cfg: the guided model
 PEERS = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "ipndm")
 V3_PEERS = ("dpm_solver_v3", "dpm_solver_v3_2")
 DISCS = ("time_uniform", "logsnr_uniform", "time_quadratic", "edm", "gits")
@@ -42,7 +42,7 @@ def _target():
     from s3_ray.config import load_config
     from s3_ray.metrics.evaluate import get_target
 
-    cfg = load_config(SPACE)
+    cfg = load_config(os.environ.get("S3_PEERS_SPACE", SPACE))
     return get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
 
 
@@ -63,7 +63,7 @@ def _gits_job(job):
     from s3_ray.usf.gits import gits_grid
 
     target = _target()
-    model = _Counting(target.model)
+    model = _Counting(target.producer.model_for(0, 256))  # (gits_grid's 256 teacher samples, classes bound)
     start = time.perf_counter()
     res = gits_grid(model, target.noise, name, nfe, shape=target.shape, dtype=target.dtype, device=target.device,
                     data_mean=target.data_mean)
@@ -105,17 +105,22 @@ def _run_dir(run: Path, nfes) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default=str(ROOT / "runs" / "digits"))
+    ap.add_argument("--space", default="digits", help="a search space under search_spaces/ (digits, digits_cfg)")
+    ap.add_argument("--run", default=None, help="the search's run dir (default runs/<space>)")
     ap.add_argument("--nfe", default="3,4,5,6")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     nfes = [int(k) for k in a.nfe.split(",")]
-    run = _run_dir(Path(a.run), nfes)
+    global SPACE
+    SPACE = ROOT / "search_spaces" / f"{a.space}.yaml"
+    os.environ["S3_PEERS_SPACE"] = str(SPACE)  # the pool's worker processes read it
+    run = _run_dir(Path(a.run or ROOT / "runs" / a.space), nfes)
+    from s3_ray.config import load_config
     from s3_ray.usf.baselines import build_baseline
     from s3_ray.usf.noise import get_noise_schedule
     from s3_ray.usf.schedule import load_schedule
 
-    noise = get_noise_schedule("vp_linear")
+    noise = get_noise_schedule(load_config(SPACE).model.noise_schedule)
     started = time.time()
     with ProcessPoolExecutor(2) as pool:
         ems_cost = pool.submit(_ems_job, None).result()  # before any v3 score job reads the cache
@@ -164,22 +169,23 @@ def main(argv=None) -> int:
             verdict.append({"nfe": k, "best_peer": best["config"], "best_peer_fid": best["fid"],
                             "s3_fid": mine[0]["fid"], "ratio": mine[0]["fid"] / best["fid"],
                             "met": k not in TARGET_NFES or mine[0]["fid"] <= TARGET_RATIO * best["fid"]})
-    result = {"space": str(SPACE.relative_to(ROOT)), "run": str(run), "screen_samples": SCREEN,
+    result = {"space": str(SPACE.relative_to(ROOT)), "reference": load_config(SPACE).metric.reference,
+              "run": str(run), "screen_samples": SCREEN,
               "final_samples": FINAL, "final_seeds": list(FINAL_SEEDS), "rows": rows, "verdict": verdict,
               "gits_costs": list(gits.values()), "ems_cost": ems_cost,
               "s3_cost": {"trials": summary.get("trials"), "search_seconds": summary.get("search_seconds")},
               "seconds": time.time() - started}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers_digits.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"peers_{a.space}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
-    (out / "peers_digits.md").write_text(md)
+    (out / f"peers_{a.space}.md").write_text(md)
     print(md)
     return 0 if all(v["met"] for v in verdict) else 1
 
 
 def markdown(r: dict) -> str:
-    lines = ["# S3 vs the best configuration of each peer (digits model, FID vs data)", "",
+    lines = [f"# S3 vs the best configuration of each peer ({r['space']}, FID vs {r.get('reference', 'data')})", "",
              f"Each peer's discretisation picked on {r['screen_samples']} samples (seed 0); then every row on "
              f"{r['final_samples']} samples x seeds {r['final_seeds']} (the same noise for all). "
              f"Run: `{r['run']}`; {r['seconds']:.0f} s.", "",

@@ -64,7 +64,9 @@ def gits_grid_for(target, name: str, nfe: int, **options):
         raise ValueError(f"discretization 'gits' needs the model as eps(x, t); model.kind "
                          f"{target.model_cfg.kind!r} samples through its pipeline")
     how = hashlib.sha256(target.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
-    return cached_gits_grid(target.model, target.noise, name, nfe, model_hash=f"{target.weights_sha}-{how}",
+    n = options.get("n_samples") or 256  # (gits_grid's default teacher size)
+    model = target.producer.model_for(0, n)  # a guided model's grid: of its guided eps, classes balanced
+    return cached_gits_grid(model, target.noise, name, nfe, model_hash=f"{target.weights_sha}-{how}",
                             cache_dir=cache_dir() / "gits", shape=target.shape, dtype=target.dtype,
                             device=target.device, data_mean=target.data_mean,
                             **{k: v for k, v in options.items() if v is not None})
