@@ -1,4 +1,5 @@
-"""Search efficiency: S3 vs evolution vs random vs Optuna TPE on the embedded digits model.
+"""Search efficiency: S3 vs evolution vs random vs Optuna TPE on an embedded model (``--space``:
+digits, or digits_cfg, the guided one).
 
 Each (algorithm, seed) runs the searcher's suggest/complete loop in-process (no Ray: the same
 searcher class Tune drives) at one NFE up to the largest budget; the best schedule found within each
@@ -6,7 +7,13 @@ budget is then re-evaluated on fresh seeds with more samples. Also measures the 
 (every builder x discretisation, same fresh-seed protocol). Writes
 benchmarks/results/search_efficiency.{json,md,png}.
 
-    python benchmarks/search_efficiency.py [--nfe 5] [--budgets 100,200,400] [--seeds 3] [--workers 2]
+    python benchmarks/search_efficiency.py [--space digits] [--nfe 5] [--budgets 100,200,400] [--seeds 3]
+        [--s3-budget 100] [--workers 2] [--tag _cfg_nfe5]
+
+The search seeds pair the algorithms: search seed i evaluates every schedule on the same noise
+(common random numbers), so S3@b vs another algorithm@400 is compared per seed (Wilcoxon signed-rank
+and the count of seeds S3 wins) besides mean ± std. ``--s3-budget``: S3 stops there (the issue's
+question is S3@100 vs the others@400).
 """
 
 from __future__ import annotations
@@ -24,20 +31,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALGOS = ("s3", "evolution", "random", "optuna-tpe")
 
 
-def _config(nfe: int, budget: int, seed: int, samples: int):
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def _config(space: str, nfe: int, budget: int, seed: int, samples: int):
+    """The space's model, metric, baselines, operators and decisions, at one NFE and this budget."""
+    import yaml
+
     from s3_ray.config import parse_config
 
-    return parse_config({
-        "name": f"eff-{nfe}", "nfe": [nfe], "budget": budget, "stages": 4, "random_init": 10, "seed": seed,
-        "metric": {"kind": "fid", "samples": [samples]},
-        "baselines": ["ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s"],
-        "discretizations": ["logsnr_uniform", "time_uniform", "time_quadratic", "edm"],
-    })
+    data = yaml.safe_load((SPACES / f"{space}.yaml").read_text())
+    data.update(name=f"eff-{space}-{nfe}", nfe=[nfe], budget=budget, stages=4, random_init=10, seed=seed,
+                metric={**data["metric"], "samples": [samples]}, concurrency=1, plan_ahead=0)
+    return parse_config(data)
 
 
 def run_one(args) -> dict:
     """One search run; returns the best (score, schedule) after each evaluation."""
-    algo, seed, nfe, budget, samples = args
+    space, algo, seed, nfe, budget, samples = args
     import torch
 
     torch.set_num_threads(1)
@@ -47,7 +58,7 @@ def run_one(args) -> dict:
     from s3_ray.search.searcher import S3Searcher, predictor_quality
     from s3_ray.usf.schedule import SolverSchedule
 
-    cfg = _config(nfe, budget, seed, samples)
+    cfg = _config(space, nfe, budget, seed, samples)
     searcher = S3Searcher(cfg, algo=algo)
     target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
     best, trace, start = (float("inf"), None), [], time.time()
@@ -67,22 +78,24 @@ def run_one(args) -> dict:
 
 
 def fresh_score(args) -> float:
-    schedule_json, samples, seeds = args
+    space, schedule_json, samples, seeds = args
     import torch
 
     torch.set_num_threads(1)
-    from s3_ray.config import MetricConfig, ModelConfig
     from s3_ray.metrics.evaluate import evaluate, get_target
     from s3_ray.usf.schedule import SolverSchedule
 
-    target = get_target(ModelConfig().model_dump_json(), MetricConfig().model_dump_json())
+    cfg = _config(space, 5, 100, 0, samples)
+    target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
     s = SolverSchedule.from_json(schedule_json)
     return float(np.mean([evaluate(s, target, n=samples, seed=sd)["score"] for sd in seeds]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--space", default="digits", help="digits or digits_cfg (search_spaces/<space>.yaml)")
     ap.add_argument("--nfe", type=int, default=5)
+    ap.add_argument("--s3-budget", type=int, default=None, help="S3's largest budget (default: the largest)")
     ap.add_argument("--budgets", default="100,200,400")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=1000)
@@ -95,56 +108,70 @@ def main(argv=None):
     algos = a.algos.split(",")
     fresh_seeds = [50_000 + i for i in range(2)]
     start = time.time()
-    jobs = [(algo, seed, a.nfe, max(budgets), a.samples) for algo in algos for seed in range(a.seeds)]
+    cap = {algo: (a.s3_budget or max(budgets)) if algo == "s3" else max(budgets) for algo in algos}
+    own = {algo: [b for b in budgets if b <= cap[algo]] for algo in algos}  # the budgets each algorithm reaches
+    jobs = [(a.space, algo, seed, a.nfe, cap[algo], a.samples) for algo in algos for seed in range(a.seeds)]
     with ProcessPoolExecutor(a.workers) as pool:
         runs = list(pool.map(run_one, jobs))
         # best found within each budget, re-scored on fresh seeds
-        fresh_jobs = [(r["trace"][min(b, len(r["trace"])) - 1][1], a.final_samples, fresh_seeds) for r in runs for b in budgets]
-        fresh = list(pool.map(fresh_score, fresh_jobs))
-        from s3_ray.usf.baselines import BASELINES, DISCRETIZATIONS, build_baseline
-        from s3_ray.usf.noise import VPLinear
+        picked = [(r, b) for r in runs for b in own[r["algo"]]]
+        fresh = list(pool.map(fresh_score, [(a.space, r["trace"][min(b, len(r["trace"])) - 1][1], a.final_samples,
+                                             fresh_seeds) for r, b in picked]))
+        from s3_ray.models.pipeline import noise_for
+        from s3_ray.search.seed_baselines import baseline_schedules
 
-        base = [(n, d, build_baseline(n, VPLinear(), a.nfe, discretization=d).to_json())
-                for n in BASELINES for d in DISCRETIZATIONS]
-        base_scores = list(pool.map(fresh_score, [(sj, a.final_samples, fresh_seeds) for *_, sj in base]))
-    k = 0
-    rows = []
-    for r in runs:
-        for b in budgets:
-            rows.append({"algo": r["algo"], "seed": r["seed"], "budget": b, "search_best": r["trace"][min(b, len(r["trace"])) - 1][0],
-                         "fresh": fresh[k], "seconds": r["seconds"]})
-            k += 1
+        cfg = _config(a.space, a.nfe, 100, 0, a.samples)
+        base = baseline_schedules(cfg, noise_for(cfg.model), {})
+        base_scores = list(pool.map(fresh_score, [(a.space, s.to_json(), a.final_samples, fresh_seeds)
+                                                  for *_, s in base]))
+    rows = [{"algo": r["algo"], "seed": r["seed"], "budget": b, "search_best": r["trace"][min(b, len(r["trace"])) - 1][0],
+             "fresh": f, "seconds": r["seconds"]} for (r, b), f in zip(picked, fresh)]
     ib = int(np.argmin(base_scores))
-    best_baseline = {"name": f"{base[ib][0]}/{base[ib][1]}", "fresh": base_scores[ib]}
+    best_baseline = {"name": base[ib][1], "fresh": base_scores[ib]}
     summary = {}
     for algo in algos:
-        for b in budgets:
+        for b in own[algo]:
             v = [x["fresh"] for x in rows if x["algo"] == algo and x["budget"] == b]
             summary[f"{algo}/{b}"] = {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
-    checks = {}
-    if "s3" in algos and "evolution" in algos and 200 in budgets and 400 in budgets:
-        checks["s3@200 <= evolution@400"] = summary["s3/200"]["mean"] <= summary["evolution/400"]["mean"]
+    checks, paired = {}, {}
+    top = max(budgets)
     if "s3" in algos:
-        s3_best = summary[f"s3/{max(budgets)}"]["mean"]
-        checks["s3 <= 1/2 best baseline"] = s3_best <= 0.5 * best_baseline["fresh"]
+        b3 = min(own["s3"])
+        for other in [x for x in algos if x != "s3" and f"{x}/{top}" in summary]:
+            mine, theirs = summary[f"s3/{b3}"]["values"], summary[f"{other}/{top}"]["values"]
+            checks[f"s3@{b3} <= {other}@{top}"] = summary[f"s3/{b3}"]["mean"] <= summary[f"{other}/{top}"]["mean"]
+            paired[f"s3@{b3} vs {other}@{top}"] = _paired(mine, theirs)
+        s3_best = summary[f"s3/{max(own['s3'])}"]["mean"]
         checks["ratio s3 / best baseline"] = s3_best / best_baseline["fresh"]
     out = {"benchmark": "search_efficiency", "nfe": a.nfe, "budgets": budgets, "seeds": a.seeds, "samples": a.samples,
            "final_samples": a.final_samples, "fresh_seeds": fresh_seeds, "best_baseline": best_baseline,
-           "summary": summary, "checks": checks, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
+           "space": a.space, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
            "seconds": time.time() - start}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"search_efficiency{a.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    md = [f"# Search efficiency at NFE {a.nfe} (embedded digits model)", "",
+    md = [f"# Search efficiency at NFE {a.nfe} ({a.space})", "",
           f"Best schedule found within each budget, re-scored with {a.final_samples} samples on fresh seeds "
           f"{fresh_seeds} (mean ± std over {a.seeds} search seeds; search used {a.samples} samples). "
           f"Best tuned baseline: {best_baseline['name']} FID {best_baseline['fresh']:.4f}.", "",
           "| algorithm | " + " | ".join(f"{b} evals" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for algo in algos:
         md.append(f"| {algo} | " + " | ".join(f"{summary[f'{algo}/{b}']['mean']:.4f} ± {summary[f'{algo}/{b}']['std']:.4f}"
-                                            for b in budgets) + " |")
-    md += ["", "Checks: " + ", ".join(f"{k}: {v if isinstance(v, bool) else round(v, 3)}" for k, v in checks.items()),
-           f"Wall time {out['seconds']:.0f} s."]
+                                            if f"{algo}/{b}" in summary else "-" for b in budgets) + " |")
+    md += ["", "Checks: " + ", ".join(f"{k}: {v if isinstance(v, bool) else round(v, 3)}" for k, v in checks.items())]
+    for k, p in paired.items():
+        md.append(f"Paired over search seeds, {k}: mean difference {p['mean_diff']:+.4f} (S3 minus other), S3 lower "
+                  f"on {p['s3_wins']} of {p['n']} seeds, Wilcoxon signed-rank p = {p['wilcoxon_p']:.3f}")
+    taus = [t for r in runs if r["algo"] == "s3" for t in r["taus"]]
+    if taus:
+        by_stage = {}
+        for t in taus:
+            by_stage.setdefault(t["stage"], []).append(t)
+        md.append("S3's predictor, Kendall tau per stage (mean over seeds), held-out / its own proposals once "
+                  "evaluated: " + ", ".join(
+                      f"stage {st}: {_mean(x.get('kendall_tau') for x in v):.2f} / {_mean(x.get('proposal_tau') for x in v):.2f}"
+                      for st, v in sorted(by_stage.items())))
+    md.append(f"Wall time {out['seconds']:.0f} s.")
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     _plot(out, algos, budgets, RESULTS / f"{stem}.png")
     print("\n".join(md))
@@ -152,6 +179,20 @@ def main(argv=None):
     if missed:  # make bench fails
         print(f"search_efficiency.py: target(s) missed: {', '.join(missed)}", file=sys.stderr)
     return 1 if missed else 0
+
+
+def _mean(xs) -> float:
+    v = [x for x in xs if x is not None and x == x]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _paired(mine: list[float], theirs: list[float]) -> dict:
+    """S3 vs another algorithm on the same search seeds (the same noise: a valid pairing)."""
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(mine) - np.asarray(theirs)
+    p = float(wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else float("nan")
+    return {"n": len(d), "mean_diff": float(d.mean()), "s3_wins": int((d < 0).sum()), "wilcoxon_p": p}
 
 
 def _plot(out, algos, budgets, path):
@@ -162,9 +203,10 @@ def _plot(out, algos, budgets, path):
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for algo in algos:
-        m = [out["summary"][f"{algo}/{b}"]["mean"] for b in budgets]
-        s = [out["summary"][f"{algo}/{b}"]["std"] for b in budgets]
-        ax.errorbar(budgets, m, yerr=s, marker="o", capsize=3, label=algo)
+        bs = [b for b in budgets if f"{algo}/{b}" in out["summary"]]
+        m = [out["summary"][f"{algo}/{b}"]["mean"] for b in bs]
+        s = [out["summary"][f"{algo}/{b}"]["std"] for b in bs]
+        ax.errorbar(bs, m, yerr=s, marker="o", capsize=3, label=algo)
     ax.axhline(out["best_baseline"]["fresh"], color="gray", ls="--", label="best tuned baseline")
     ax.set_xlabel("true evaluations")
     ax.set_ylabel(f"fresh-seed FID at NFE {out['nfe']}")

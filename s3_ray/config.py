@@ -312,6 +312,10 @@ class SearchConfig(_Cfg):
     warm_start: tuple[str, ...] = Field(default=(), description=(
         "earlier run directories (runs/<name>) of the same model, metric and seed: their results enter "
         "the pool as evaluated (source 'warm'), cost no budget and are not evaluated again"))
+    warm_split: int = Field(default=3, ge=0, le=50, description=(
+        "across NFEs: per NFE k+1 of the range, the warm_start runs' best N schedules at NFE k, each "
+        "with its longest logSNR step split in two, join the seed phase (source 'split', from the "
+        "budget); 0: off"))
     baselines: tuple[str, ...] = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "dpm_solver_3s")
     discretizations: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "time_quadratic", "edm")
 

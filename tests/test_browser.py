@@ -153,11 +153,20 @@ def test_store_opens_on_the_work(search):
     for t in trials:
         m, p = t.data.metrics, t.data.params
         assert m["nfe"] == float(p["nfe"]) and m["stage"] == float(p["stage"])
-        assert t.info.run_name == f"nfe{p['nfe']}-{p['source']}-fid{m['fid']:.3g}-{t.data.tags['s3.trial_id']}"
+        who = f"baseline-{t.data.tags['s3.baseline']}" if p["source"] == "baseline" else p["source"]
+        assert t.info.run_name == f"nfe{p['nfe']}-{who}-fid{m['fid']:.3g}-{t.data.tags['s3.trial_id']}"
+        assert ("s3.baseline" in t.data.tags) == (p["source"] == "baseline")
+    # the seeded baselines are named 'builder/discretization' (the smoke space: 2 builders x logsnr_uniform)
+    assert {t.data.tags["s3.baseline"] for t in trials if "s3.baseline" in t.data.tags} <= {
+        "dpm_solver_pp_2m/logsnr_uniform", "unipc_bh2/logsnr_uniform"}
     note = parent.data.tags["mlflow.note.content"]
     assert "| NFE | S3 FID | best baseline" in note
     for row in json.loads((run_dir / "summary.json").read_text())["rows"]:
         assert f"| {row['nfe']} | {row['searched']:.3f} |" in note
+        # whom S3 had to beat, and who won, named on the parent run
+        assert parent.data.tags[f"best_baseline_nfe{row['nfe']}"] == row["best_baseline"]
+        won = "S3" if row["exported"] == row["searched_hash"] else row["best_baseline"]
+        assert parent.data.tags[f"winner_nfe{row['nfe']}"] == won and note.count(f"| {won} |") >= 1
         # the exported schedule was a trial (searched or seeded): linked from the parent
         best = client.get_run(parent.data.tags[f"best_nfe{row['nfe']}_run"])
         assert best.data.tags["s3.schedule_hash"] == load_schedule(run_dir / "best" / f"nfe{row['nfe']}.json").schedule_hash()

@@ -108,6 +108,23 @@ def test_search_callback_counts_restored_trials_and_tracks_the_best_per_nfe(caps
     assert lines[-1].endswith("stage 2/2 | best fid NFE 4: 2.000, NFE 6: 2.500")
 
 
+def test_search_callback_compares_the_best_searched_schedule_with_the_best_baseline(capsys):
+    def baseline(i, score, nfe=4):
+        t = _trial(i, score=score, nfe=nfe)
+        t.config.update(source="baseline", baseline="some/name")
+        return t
+
+    trials = [baseline(0, 0.9), baseline(1, 0.4), baseline(2, 0.2, nfe=5), _trial(3, score=0.3), _trial(4, score=0.1, nfe=6)]
+    cb = SearchProgress(budget=10, metric="fid", stages=2)
+    cb.on_step_end(0, [])
+    for t in trials:
+        cb.on_trial_complete(1, trials, t)
+    cb.on_experiment_end(trials)
+    lines = capsys.readouterr().err.splitlines()
+    # a baseline is not the searched best (NFE 5 has none yet); the ratio is to the best baseline (0.3 / 0.4)
+    assert lines[-1].endswith("best fid NFE 4: 0.300 (0.75x), NFE 5: - (baseline 0.200), NFE 6: 0.100")
+
+
 def test_search_callback_finishes_its_line_when_the_budget_is_done(capsys):
     cb = SearchProgress(budget=2, metric="rmse")
     trials = [_trial(0, score=0.5), _trial(1, score=0.25)]
@@ -134,7 +151,8 @@ def test_search_on_a_terminal_shows_a_live_bar_with_the_budget_and_the_best_scor
     assert len(bars) >= 3, shown[-3000:]  # drawn, then redrawn in place as trials finish
     budget = small_search.budget
     assert re.search(rf"100%\|.*\| {budget}/{budget} trials \|", bars[-1]), bars[-1]
-    assert re.search(r"best fid NFE 3: \d+\.\d{3}, NFE 4: \d+\.\d{3}$", bars[-1]), bars[-1]  # nothing else after
+    # per NFE the best searched score and its ratio to the best seeded baseline's; nothing else after
+    assert re.search(r"best fid NFE 3: \d+\.\d{3} \(\d+\.\d{2}x\), NFE 4: \d+\.\d{3} \(\d+\.\d{2}x\)$", bars[-1]), bars[-1]
     final = re.findall(r"\r(?!\n)(final re-evaluation:[^\r\n]*)", shown)
     n = small_search.final_evaluations
     assert final and f"{n}/{n} evaluations" in final[-1], shown[-3000:]

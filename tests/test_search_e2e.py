@@ -111,17 +111,21 @@ def test_warm_started_search_end_to_end(tmp_path):
         max((first / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())["results"]}
     assert len(first_hashes) == 8
     try:
-        r = run(search_cmd(space, tmp_path / "runs", "--name", "second", "--warm-start", str(first)), search_env(tmp_path),
+        wider = write_space(tmp_path, name="first", budget=8, nfe=[4, 5])  # NFE 5 seeded from NFE 4 by splits
+        r = run(search_cmd(wider, tmp_path / "runs", "--name", "second", "--warm-start", str(first)), search_env(tmp_path),
                 tmp_path)
     finally:
         stop_test_ray(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "warm start: 8 earlier results reused" in r.stdout and "Warm start: 8 earlier results reused" in r.stdout
+    assert "3 of their best NFE-k schedules split into NFE-(k+1) seeds" in r.stdout
     second = tmp_path / "runs" / "second"
     summary = json.loads((second / "summary.json").read_text())
-    assert summary["warm_start"] == {"runs": [str(first)], "reused": 8} and summary["trials"] == 8
+    assert summary["warm_start"] == {"runs": [str(first)], "reused": 8, "split": 3} and summary["trials"] == 8
     runs = trial_runs(second / "mlflow.db", "second")
     assert len(runs) == 8 and not {x.data.tags["s3.schedule_hash"] for x in runs} & first_hashes
+    split = [x for x in runs if x.data.params["source"] == "split"]
+    assert len(split) == 3 and {x.data.params["nfe"] for x in split} == {"5"}
     # another metric's results are refused before anything starts
     other = write_space(tmp_path, name="third", metric={"kind": "rmse", "samples": [200]})
     r = run(search_cmd(other, tmp_path / "runs", "--warm-start", str(first)), search_env(tmp_path), tmp_path)

@@ -27,3 +27,12 @@ def test_front_keeps_each_nfe_that_beats_every_smaller_one():
 def test_a_monotone_table_is_all_front():
     rows = [_row(k, 1.0 / k, 2.0 / k, f"s{k}") for k in (3, 4, 5)]
     assert [p["nfe"] for p in pareto_front(rows)] == [3, 4, 5]
+
+
+def test_the_table_names_the_winner_per_nfe():
+    rows = [_row(3, 0.50, 0.90, "abc"), _row(4, 0.60, 0.55, "ddim/edm"), _row(5, 0.1, 0.20, "abc")]
+    summary = {"name": "x", "metric": "fid", "reference": "data", "final_samples": 10, "final_seeds": [1],
+               "converged": 0.01, "rows": rows}
+    md = summary_markdown(summary).splitlines()
+    assert md[4].endswith("| converged | winner |")
+    assert md[6].endswith("| 0.010 | S3 |") and md[7].endswith("| 0.010 | ddim/edm |") and md[8].endswith("| S3 |")

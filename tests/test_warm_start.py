@@ -3,6 +3,7 @@
 Searchers driven without Ray on the analytic Gaussian-mixture target (as test_searcher.py); the
 earlier search's state is saved where a run directory keeps it (``<run>/tune/searcher-state-*.pkl``)."""
 
+import numpy as np
 import pytest
 
 from s3_ray.config import parse_config
@@ -80,3 +81,41 @@ def test_a_directory_without_a_search_is_refused(tmp_path):
     (tmp_path / "tune" / "searcher-state-x.pkl").write_text("not json")
     with pytest.raises(ValueError, match="is not a searcher state"):
         load_warm_results(cfg)
+
+
+def test_splitting_the_longest_step_adds_one_nfe_in_the_middle_of_that_step():
+    from s3_ray.search.space import split_longest_step
+    from s3_ray.usf.baselines import build_baseline
+    from s3_ray.usf.noise import get_noise_schedule
+
+    noise = get_noise_schedule("vp_linear")
+    s = build_baseline("dpm_solver_pp_2m", noise, 4, discretization="time_uniform")  # unequal logSNR steps
+    out = split_longest_step(s, noise)
+    assert out.nfe() == 5 and len(out.steps) == len(s.steps) + 1
+    lam = noise.lambda_(np.array([noise.T, *(st.t for st in s.steps)]))
+    new = noise.lambda_(np.array([noise.T, *(st.t for st in out.steps)]))
+    i = int(np.argmax(np.diff(lam)))
+    assert np.allclose(np.delete(new, i + 1), lam, atol=1e-9)  # every old time kept
+    assert new[i + 1] == pytest.approx(0.5 * (lam[i] + lam[i + 1]), abs=1e-9)  # the new one halves that step
+    assert out.steps[i].order == s.steps[i].order and out.steps[i].prediction == s.steps[i].prediction
+
+
+def test_a_warm_search_seeds_the_next_nfe_with_the_earlier_best_split(earlier):
+    from s3_ray.search.space import split_longest_step
+    from s3_ray.search.warm_start import split_seeds
+    from s3_ray.usf.schedule import SolverSchedule
+
+    run, first = earlier  # NFE 4 and 5
+    cfg = parse_config({**CFG, "nfe": [5, 6], "budget": 40, "warm_start": [str(run)]})
+    s0 = S3Searcher(cfg, algo="s3")
+    seeds = split_seeds(cfg, s0.noise)
+    assert [s.nfe() for s in seeds] == [5, 5, 5, 6, 6, 6]  # warm_split = 3 per NFE k+1
+    best4 = min((r for r in first.results if r["nfe"] == 4 and not r["failed"]), key=lambda r: r["score"])
+    assert seeds[0] == split_longest_step(SolverSchedule.from_json(best4["schedule"]), s0.noise, cfg.decisions)
+    s = S3Searcher(cfg, algo="s3", warm_results=load_warm_results(cfg), split_seeds=seeds)
+    assert run_loop(s) == "finished"
+    split = [r for r in s.results if r["source"] == "split"]
+    assert len(split) == 6 and all(r["stage"] == -1 for r in split)  # evaluated in the seed phase
+    assert len([r for r in s.results if r["source"] != "warm"]) == cfg.budget  # they are paid from the budget
+    assert split_seeds(parse_config({**CFG, "nfe": [5, 6], "warm_split": 0, "warm_start": [str(run)]}), s0.noise) == []
+    assert S3Searcher(cfg, algo="random", split_seeds=seeds).queue[0]["source"] == "random"  # pool-free: not used

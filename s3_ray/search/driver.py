@@ -76,7 +76,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     files, the tracking server, Ray's resources); only then does ``fresh`` delete the old run. A
     search that fails after its MLflow parent run exists marks that run FAILED with the reason."""
     from s3_ray.search.preflight import check_files, check_resources, run_dir_for
-    from s3_ray.search.warm_start import load_warm_results
+    from s3_ray.search.warm_start import load_warm_results, split_seeds
     from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, read_tracking, write_tracking
 
     try:
@@ -93,6 +93,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     try:
         cfg = check_files(cfg)  # with the decisions the target can run
         warm = [] if resume else load_warm_results(cfg)  # read before --fresh may delete a listed run
+        splits = [] if resume else split_seeds(cfg, noise_for(cfg.model))
     except ValueError as e:
         raise SearchError(str(e)) from None
     tracking = read_tracking(run_dir / TRACKING_FILE) if resume else {}
@@ -126,7 +127,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     write_tracking(run_dir / TRACKING_FILE, uri, cfg.name, artifacts, parent_id)
     try:
         return _search(cfg, run_dir, tracker, parent_id, algo=algo, resume=resume, out=out,
-                       browse=_browse(uri, local_store, tracker.experiment_id), warm=warm)
+                       browse=_browse(uri, local_store, tracker.experiment_id), warm=warm, splits=splits)
     except Exception as e:
         tracker.fail_parent(parent_id, first_line(e))
         raise
@@ -160,7 +161,7 @@ def _tracker(uri: str, name: str, artifacts: str | None):
 
 
 def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: str, resume: bool, out,
-            browse: str, warm: list[dict] = ()) -> dict:
+            browse: str, warm: list[dict] = (), splits: list = ()) -> dict:
     """Tune's fit, the final re-evaluation and the summary (the run directory and tracking are set up)."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -189,9 +190,11 @@ def _search(cfg: SearchConfig, run_dir: Path, tracker, parent_id: str, *, algo: 
         from s3_ray.search.seed_baselines import gits_grids
 
         searcher = S3Searcher(cfg, algo=algo, gits_grids=gits_grids(cfg, out) if algo in ("s3", "evolution") else {},
-                              warm_results=list(warm))
+                              warm_results=list(warm), split_seeds=list(splits))
         if cfg.warm_start:
-            print(f"warm start: {searcher.n_warm} earlier results reused from {', '.join(cfg.warm_start)}", file=out)
+            n_split = sum(1 for q in searcher.queue if q["source"] == "split")
+            print(f"warm start: {searcher.n_warm} earlier results reused from {', '.join(cfg.warm_start)}; "
+                  f"{n_split} of their best NFE-k schedules split into NFE-(k+1) seeds", file=out)
         searcher.trial_settings = {"cache_dir": str(run_dir / "results-cache")}
         tuner = tune.Tuner(
             fn,
@@ -320,7 +323,9 @@ def finalize(cfg: SearchConfig, records, run_dir: Path, tracker, parent_id: str,
     summary = {"name": cfg.name, "metric": cfg.metric.kind, "reference": cfg.metric.reference,
                "final_samples": cfg.metric.final_samples, "final_seeds": seeds, "converged": conv_score, "rows": rows,
                "predictor_tau": list(taus), "trials": len(records),
-               "warm_start": {"runs": list(cfg.warm_start), "reused": len(warm)}, "pareto": pareto_front(rows),
+               "warm_start": {"runs": list(cfg.warm_start), "reused": len(warm),
+                              "split": sum(1 for _, c, _ in records if c["source"] == "split")},
+               "pareto": pareto_front(rows),
                "screened_trials": screened_trials,
                "all": [{"nfe": n, "kind": k, "label": lab, "score": sc} for (n, k, lab, _), sc in zip(candidates, scores)]}
     md = summary_markdown(summary)
@@ -370,18 +375,26 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
+def winner(row: dict) -> str:
+    """Whose schedule is exported at the row's NFE (the best one): 'S3' or the baseline's name."""
+    if row["searched"] is not None and row["exported"] == row["searched_hash"]:
+        return "S3"
+    return str(row["exported"])
+
+
 def summary_markdown(summary: dict) -> str:
     metric = summary["metric"].upper()
     against = "vs a converged solve from the same noise" if metric == "RMSE" else f"{summary['reference']} reference"
     lines = [f"# {summary['name']}: searched schedules vs the best tuned baseline", "",
              f"{metric} ({against}), {summary['final_samples']} samples x {len(summary['final_seeds'])} "
              f"fresh seeds; converged {metric} (reference solver): {summary['converged']:.3f}", "",
-             f"| NFE | S3 {metric} | best baseline | its {metric} | ratio | converged |", "|---|---|---|---|---|---|"]
+             f"| NFE | S3 {metric} | best baseline | its {metric} | ratio | converged | winner |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         s3 = "-" if r["searched"] is None else f"{r['searched']:.3f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['nfe']} | {s3} | {r['best_baseline']} | {r['best_baseline_score']:.3f} | {ratio} | "
-                     f"{summary['converged']:.3f} |")
+                     f"{summary['converged']:.3f} | {winner(r)} |")
     taus = [t for t in summary.get("predictor_tau", []) if t.get("kendall_tau") is not None]
     if taus:
         lines += ["", "Predictor Kendall tau per stage, held-out split of its training set / its own proposals once "
@@ -396,7 +409,8 @@ def summary_markdown(summary: dict) -> str:
             + (f"; off the front (a smaller NFE does as well): {', '.join(map(str, off))}" if off else "")]
     warm = summary.get("warm_start") or {}
     if warm.get("runs"):
-        lines += ["", f"Warm start: {warm['reused']} earlier results reused from {', '.join(warm['runs'])}."]
+        lines += ["", f"Warm start: {warm['reused']} earlier results reused from {', '.join(warm['runs'])}; "
+                      f"{warm.get('split', 0)} of their NFE-k schedules split into NFE-(k+1) seeds (evaluated)."]
     screened = [t for t in taus if "screen_vs_full_tau" in t]
     if screened:
         lines += ["", f"Screening ({summary.get('screened_trials', 0)} screening trials): Kendall tau per stage, "
@@ -407,7 +421,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from s3_ray.tracking.report import COMPARE_DIR, PLOTS, REPORT, REPORT_DATA
 
@@ -422,7 +436,9 @@ def _log_parent(tracker, parent_id, summary, run_dir: Path, out):
         metrics += [Metric(key, t[key], 0, t["stage"]) for t in summary.get("predictor_tau", [])
                     for key in ("kendall_tau", "proposal_tau", "predicted_vs_screen_tau", "screen_vs_full_tau")
                     if t.get(key) is not None and t[key] == t[key]]
-        tracker.client.log_batch(parent_id, metrics=metrics)
+        tags = [RunTag(f"{key}_nfe{r['nfe']}", value) for r in summary["rows"]
+                for key, value in (("best_baseline", r["best_baseline"]), ("winner", winner(r))) if value]
+        tracker.client.log_batch(parent_id, metrics=metrics, tags=tags)
         best = {int(f.stem[3:]): SolverSchedule.from_json(f.read_text()).schedule_hash()
                 for f in (run_dir / "best").glob("nfe*.json")}
         tracker.describe_parent(parent_id, summary_markdown(summary), best)

@@ -20,7 +20,8 @@ class SearchProgress(Callback):
     def _reset(self):
         self.progress: Progress | None = None
         self.done: set[str] = set()
-        self.best: dict[int, float] = {}
+        self.best: dict[int, float] = {}  # searched schedules (everything but the seeded baselines)
+        self.best_baseline: dict[int, float] = {}  # the seeded baselines
         self.stage = -1
 
     def __getstate__(self):
@@ -38,15 +39,27 @@ class SearchProgress(Callback):
             stage = f"stage {self.stage + 1}/{self.stages}"
         else:
             stage = "searching"
-        best = ", ".join(f"NFE {k}: {v:.3f}" for k, v in sorted(self.best.items())) or "-"
-        return f"{stage} | best {self.metric} {best}"
+        shown = []  # the best searched score, and its ratio to the best seeded baseline's (short: a bar's width)
+        for k in sorted(set(self.best) | set(self.best_baseline)):
+            base = self.best_baseline.get(k)
+            if k not in self.best:
+                shown.append(f"NFE {k}: - (baseline {base:.3f})")
+            elif base is None or base <= 0:
+                shown.append(f"NFE {k}: {self.best[k]:.3f}")
+            else:
+                shown.append(f"NFE {k}: {self.best[k]:.3f} ({self.best[k] / base:.2f}x)")
+        return f"{stage} | best {self.metric} {', '.join(shown) or '-'}"
 
     def _count(self, trial) -> None:
         self.done.add(trial.trial_id)
         config, result = trial.config or {}, trial.last_result or {}
         self.stage = max(self.stage, int(config.get("stage", -1)))
         score, nfe = result.get("score"), config.get("nfe")  # (a screening trial has no NFE)
-        if score is not None and nfe is not None and not result.get("failed"):
+        if score is None or nfe is None or result.get("failed"):
+            return
+        if config.get("source") == "baseline":  # the line says how S3 compares with the best of them
+            self.best_baseline[nfe] = min(score, self.best_baseline.get(nfe, score))
+        else:
             self.best[nfe] = min(score, self.best.get(nfe, score))
 
     def _start(self, trials) -> Progress:

@@ -49,9 +49,11 @@ class S3Searcher(Searcher):
     """``suggest(trial_id)`` -> trial config | None (ask again later) | Searcher.FINISHED."""
 
     def __init__(self, config: SearchConfig, algo: str = "s3", metric: str = "score", mode: str = "min",
-                 gits_grids: dict[str, list[float]] | None = None, warm_results: list[dict] | None = None):
+                 gits_grids: dict[str, list[float]] | None = None, warm_results: list[dict] | None = None,
+                 split_seeds: list[SolverSchedule] | None = None):
         """``gits_grids``: ``seed_baselines.gits_grids(config)``, needed when discretizations list gits;
-        ``warm_results``: ``warm_start.load_warm_results(config)`` (S3 and evolution breed from them)."""
+        ``warm_results``: ``warm_start.load_warm_results(config)`` (S3 and evolution breed from them);
+        ``split_seeds``: ``warm_start.split_seeds(config, noise)``, evaluated in the seed phase."""
         super().__init__(metric=metric, mode=mode)
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
@@ -81,19 +83,26 @@ class S3Searcher(Searcher):
         self.submit_plan = _submit_plan  # runs a stage's planning beside the search (a simulation's clock)
         self.waiting_for = None  # why the last suggest returned None: 'results' or 'planning'
         self._gits_grids = gits_grids or {}
+        self._split_seeds = list(split_seeds or []) if algo in ("s3", "evolution") else []
         self._add_warm(warm_results or [])
         self._plan_seed_phase()
 
     # ---- planning -------------------------------------------------------------------------------
-    def _proposal(self, s: SolverSchedule, source: str, stage: int, seen: set | None = None) -> dict | None:
+    def _proposal(self, s: SolverSchedule, source: str, stage: int, seen: set | None = None,
+                  baseline: str | None = None) -> dict | None:
+        """A trial's config (None when the schedule was proposed before); ``baseline``: the
+        baseline's 'builder/discretization' name, shown in progress, MLflow and the summary."""
         seen = self.seen if seen is None else seen
         h = s.schedule_hash()
         if h in seen:
             return None
         seen.add(h)
         samples = self.cfg.metric.samples[min(max(stage, 0), len(self.cfg.metric.samples) - 1)]
-        return {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
-                "samples": samples, "seed": self.cfg.seed, "cost": 1.0}
+        config = {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
+                  "samples": samples, "seed": self.cfg.seed, "cost": 1.0}
+        if baseline is not None:
+            config["baseline"] = baseline
+        return config
 
     def _add_warm(self, warm: list[dict]):
         """Earlier results as if evaluated before this search (indices -n..-1, before every trial):
@@ -111,20 +120,23 @@ class S3Searcher(Searcher):
 
     def _plan_seed_phase(self):
         cfg = self.cfg
-        seeds = [(load_schedule(f), "user") for f in cfg.seed_schedules]
+        seeds = [(load_schedule(f), "user", None) for f in cfg.seed_schedules]
+        seeds += [(s, "split", None) for s in self._split_seeds]
         if self.algo in ("s3", "evolution"):
-            seeds += [(b, "baseline") for *_, b in baseline_schedules(cfg, self.noise, self._gits_grids)]
+            seeds += [(b, "baseline", label) for _, label, b in baseline_schedules(cfg, self.noise, self._gits_grids)]
         for _ in range(cfg.random_init):
             for nfe in cfg.nfe:
-                seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random"))
+                seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random",
+                              None))
         if self.algo == "s3" and cfg.plan_ahead and seeds:
             # Planning ahead, every worker has a seed schedule while the first stage is planned
             # from the seed phase's first part: random ones fill the phase to 2 x concurrency.
             for i in range(max(0, min(2 * cfg.concurrency, cfg.budget) - len(seeds))):
                 nfe = cfg.nfe[i % len(cfg.nfe)]
-                seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random"))
-        for s, source in seeds:
-            p = self._proposal(s, source, -1)
+                seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random",
+                              None))
+        for s, source, label in seeds:
+            p = self._proposal(s, source, -1, baseline=label)
             if p is not None:
                 self.queue.append(p)
         self.queue = self.queue[: cfg.budget]

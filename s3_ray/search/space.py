@@ -372,6 +372,25 @@ def _add_step(rng, d: dict, noise: NoiseSchedule, decisions: DecisionSpace) -> b
     return True
 
 
+def split_longest_step(schedule: SolverSchedule, noise: NoiseSchedule,
+                       decisions: DecisionSpace | None = None) -> SolverSchedule | None:
+    """The schedule with its longest step (in logSNR) split at the middle: the new first half
+    copies that step's decisions (no implicit corrector), so the NFE grows by one. None where the
+    result, repaired into ``decisions``, does not have NFE + 1 (e.g. no room for another step)."""
+    decisions = decisions or DecisionSpace()
+    d = _dump(schedule)
+    steps, lam = d["steps"], _lams(noise, d)
+    if len(steps) + 1 > _span_steps(lam[-1] - lam[0], decisions):
+        return None
+    i = int(np.argmax(np.diff(lam)))
+    new = {**steps[i], "t": float(noise.inverse_lambda(0.5 * (lam[i] + lam[i + 1])))}
+    if (new.get("corrector") or {}).get("kind") == "implicit":
+        new["corrector"] = None
+    steps.insert(i, new)
+    out = repair(d, noise, decisions)
+    return out if out.nfe() == schedule.nfe() + 1 else None
+
+
 def _delete_step(rng, d: dict) -> bool:
     """Remove one time before the final one (preferring steps without an implicit corrector)."""
     steps = d["steps"]

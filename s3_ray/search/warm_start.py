@@ -7,6 +7,11 @@ predictor's training set as evaluated (source ``warm``), are never evaluated aga
 budget; the final re-evaluation considers their best as it does the search's own. A score is only
 comparable under the same model, metric and noise seed, so a run that differs in any of them is
 refused with the field that differs. Each schedule counts once (the earliest run listed wins).
+
+Across NFEs (``warm_split``, default 3): per NFE k+1 of this search, the listed runs' best schedules
+at NFE k (whether or not k is in this search's range) with their longest step split in two are
+evaluated in the seed phase (source ``split``): a good k-step schedule is usually close to a good
+(k+1)-step one.
 """
 
 from __future__ import annotations
@@ -59,4 +64,31 @@ def load_warm_results(cfg: SearchConfig) -> list[dict]:
                 out.append({"schedule": r["schedule"], "schedule_hash": r["schedule_hash"], "nfe": r["nfe"],
                             "score": float(r["score"]), "failed": bool(r.get("failed")), "source": "warm",
                             "warm_source": r.get("source"), "warm_from": str(d)})
+    return out
+
+
+def split_seeds(cfg: SearchConfig, noise) -> list:
+    """The ``warm_split`` best NFE-k schedules of the warm runs, per NFE k+1 of ``cfg``, each split
+    into an NFE-(k+1) schedule (``space.split_longest_step``); best first within each NFE."""
+    from s3_ray.search.space import split_longest_step
+    from s3_ray.usf.schedule import SolverSchedule
+
+    if not cfg.warm_start or not cfg.warm_split:
+        return []
+    by_nfe: dict[int, dict[str, tuple[float, str]]] = {}
+    for d in cfg.warm_start:
+        state = load_saved_state(Path(d) / "tune")  # (load_warm_results checked it and its config first)
+        for r in state.get("results", []):
+            if not r.get("failed") and r["nfe"] + 1 in cfg.nfe:
+                by_nfe.setdefault(r["nfe"], {}).setdefault(r["schedule_hash"], (float(r["score"]), r["schedule"]))
+    out = []
+    for k in sorted(by_nfe):
+        made = 0
+        for _, sj in sorted(by_nfe[k].values()):
+            s = split_longest_step(SolverSchedule.from_json(sj), noise, cfg.decisions)
+            if s is not None:
+                out.append(s)
+                made += 1
+            if made == cfg.warm_split:
+                break
     return out

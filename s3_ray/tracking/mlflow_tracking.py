@@ -145,7 +145,8 @@ def trial_run_name(trial_id: str, config: dict, result: dict) -> str:
     metric = "fid" if "fid" in result else "rmse" if "rmse" in result else "score"
     score = result.get("score")
     said = "failed" if result.get("failed") or not isinstance(score, (int, float)) else f"{metric}{score:.3g}"
-    return f"nfe{config['nfe']}-{config['source']}-{said}-{trial_id}"
+    source = f"baseline-{config['baseline']}" if config.get("baseline") else config["source"]
+    return f"nfe{config['nfe']}-{source}-{said}-{trial_id}"
 
 
 class Tracker:
@@ -269,6 +270,8 @@ class Tracker:
                 "s3.source": config["source"], "ray.trial_id": str(result.get("trial_id", ""))}
         if result.get("node_id"):
             tags["s3.node_id"] = str(result["node_id"])
+        if config.get("baseline"):
+            tags["s3.baseline"] = str(config["baseline"])  # 'builder/discretization'
         run = self.client.create_run(self.experiment_id, run_name=trial_run_name(trial_id, config, result), tags=tags)
         params = {"nfe": str(config["nfe"]), "stage": str(config["stage"]), "source": config["source"],
                   "samples": str(config["samples"]), "seed": str(config["seed"]), **schedule_params(s)}

@@ -64,6 +64,10 @@ def fid_vs_nfe_plot(summary: dict, path) -> Path:
         ax.plot(*zip(*sorted(pts)), color=plt.cm.tab10(builders.index(builder) % 10), ls=styles[discs.index(disc) % len(styles)],
                 lw=0.9, marker=".", ms=4, alpha=0.7, label=lab)
     ax.plot(nfe, [r["best_baseline_score"] for r in rows], "s--", color="k", mfc="none", label="best tuned baseline")
+    for r in rows:  # whom S3 has to beat at each NFE, by name
+        if r["best_baseline"]:
+            ax.annotate(r["best_baseline"], (r["nfe"], r["best_baseline_score"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=6)
     s = [(r["nfe"], r["searched"]) for r in rows if r["searched"] is not None]
     if s:
         ax.plot(*zip(*s), "o-", color="tab:red", lw=2.5, label="S3 (searched)")
