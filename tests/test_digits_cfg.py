@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,22 @@ def test_shipped_space_and_trial_report_label_accuracy(tmp_path, monkeypatch):
     r = run_trial({"schedule": schedule.to_json(), "model": cfg.model.model_dump_json(),
                    "metric": metric.model_dump_json(), "samples": 100, "seed": 2})
     assert 0.5 <= r["label_accuracy"] <= 1.0 and r["nfe"] == 6 and r["failed"] == 0
+
+
+def test_gits_grid_of_the_guided_model_is_computed_on_its_guided_eps(tmp_path, monkeypatch):
+    """A class-conditional target's GITS grid comes from its guided eps with balanced classes (the
+    sampler's), not from the bare network (unconditional)."""
+    from s3_ray.config import MetricConfig
+    from s3_ray.metrics.baseline_table import gits_grid_for
+    from s3_ray.metrics.evaluate import get_target
+    from s3_ray.usf.gits import gits_grid
+
+    monkeypatch.setenv("S3_CACHE_DIR", str(tmp_path))
+    target = get_target(ModelConfig(kind="digits_cfg", guidance_scale=3.0).model_dump_json(),
+                        MetricConfig(reference="model", reference_samples=100).model_dump_json())
+    small = {"n_samples": 8, "n_candidates": 11}
+    got = gits_grid_for(target, "ddim", 3, **small)
+    guided = gits_grid(target.producer.model_for(0, 8), target.noise, "ddim", 3, shape=target.shape,
+                       dtype=target.dtype, data_mean=target.data_mean, **small).times
+    assert np.allclose(got, guided, rtol=0, atol=1e-12)
+    assert list(tmp_path.glob("gits/gits-ddim-nfe3-*.json"))  # cached

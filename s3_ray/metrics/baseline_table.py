@@ -66,7 +66,9 @@ def gits_grid_for(target, name: str, nfe: int, **options):
     how = hashlib.sha256(target.model_cfg.model_dump_json(exclude={"checkpoint"}).encode()).hexdigest()[:8]
     n = options.get("n_samples") or 256  # (gits_grid's default teacher size)
     model = target.producer.model_for(0, n)  # a guided model's grid: of its guided eps, classes balanced
-    return cached_gits_grid(model, target.noise, name, nfe, model_hash=f"{target.weights_sha}-{how}",
+    # (class-conditional: a new key, so that a grid cached from the unguided network is not trusted)
+    key = f"{target.weights_sha}-{how}" + ("-guided-balanced" if target.model.n_classes else "")
+    return cached_gits_grid(model, target.noise, name, nfe, model_hash=key,
                             cache_dir=cache_dir() / "gits", shape=target.shape, dtype=target.dtype,
                             device=target.device, data_mean=target.data_mean,
                             **{k: v for k, v in options.items() if v is not None})
