@@ -27,12 +27,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = ROOT / "search_spaces" / "digits.yaml"  # --space digits_cfg: the guided model
+SPACES = ROOT / "search_spaces"
 PEERS = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "ipndm")
 V3_PEERS = ("dpm_solver_v3", "dpm_solver_v3_2")
 DISCS = ("time_uniform", "logsnr_uniform", "time_quadratic", "edm", "gits")
 SCREEN, FINAL, FINAL_SEEDS = 1000, 2000, (20_000, 20_001)
 TARGET_RATIO, TARGET_NFES = 0.8, (4, 5)
+
+
+def _space() -> Path:
+    """The search space of ``--space`` (main sets it in the environment, for the pool's workers too)."""
+    return SPACES / f"{os.environ.get('S3_PEERS_SPACE', 'digits')}.yaml"
 
 
 def _target():
@@ -42,7 +47,7 @@ def _target():
     from s3_ray.config import load_config
     from s3_ray.metrics.evaluate import get_target
 
-    cfg = load_config(os.environ.get("S3_PEERS_SPACE", SPACE))
+    cfg = load_config(_space())
     return get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
 
 
@@ -97,8 +102,8 @@ def _score_job(job):
 
 def _run_dir(run: Path, nfes) -> Path:
     if not all((run / "best" / f"nfe{k}.json").is_file() for k in nfes if k <= 5):
-        print(f"{run}: no finished search; running `s3 search --space {SPACE.name} --fresh` (as make search)")
-        subprocess.run([sys.executable, "-m", "s3_ray.cli", "search", "--space", str(SPACE), "--fresh",
+        print(f"{run}: no finished search; running `s3 search --space {_space().name} --fresh` (as make search)")
+        subprocess.run([sys.executable, "-m", "s3_ray.cli", "search", "--space", str(_space()), "--fresh",
                         "--runs", str(run.parent), "--name", run.name], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return run
 
@@ -111,16 +116,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     nfes = [int(k) for k in a.nfe.split(",")]
-    global SPACE
-    SPACE = ROOT / "search_spaces" / f"{a.space}.yaml"
-    os.environ["S3_PEERS_SPACE"] = str(SPACE)  # the pool's worker processes read it
+    os.environ["S3_PEERS_SPACE"] = a.space
+    space = _space()
     run = _run_dir(Path(a.run or ROOT / "runs" / a.space), nfes)
     from s3_ray.config import load_config
     from s3_ray.usf.baselines import build_baseline
     from s3_ray.usf.noise import get_noise_schedule
     from s3_ray.usf.schedule import load_schedule
 
-    noise = get_noise_schedule(load_config(SPACE).model.noise_schedule)
+    cfg = load_config(space)
+    noise = get_noise_schedule(cfg.model.noise_schedule)
     started = time.time()
     with ProcessPoolExecutor(2) as pool:
         ems_cost = pool.submit(_ems_job, None).result()  # before any v3 score job reads the cache
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
             verdict.append({"nfe": k, "best_peer": best["config"], "best_peer_fid": best["fid"],
                             "s3_fid": mine[0]["fid"], "ratio": mine[0]["fid"] / best["fid"],
                             "met": k not in TARGET_NFES or mine[0]["fid"] <= TARGET_RATIO * best["fid"]})
-    result = {"space": str(SPACE.relative_to(ROOT)), "reference": load_config(SPACE).metric.reference,
+    result = {"space": str(space.relative_to(ROOT)), "reference": cfg.metric.reference,
               "run": str(run), "screen_samples": SCREEN,
               "final_samples": FINAL, "final_seeds": list(FINAL_SEEDS), "rows": rows, "verdict": verdict,
               "gits_costs": list(gits.values()), "ems_cost": ems_cost,

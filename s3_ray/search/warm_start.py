@@ -43,10 +43,10 @@ def check_compatible(cfg: SearchConfig, other: SearchConfig, where: str) -> None
                          "other noise (common random numbers need the same seed)")
 
 
-def load_warm_results(cfg: SearchConfig) -> list[dict]:
-    """The reusable results of ``cfg.warm_start``'s runs, in order: dicts with schedule, schedule_hash,
-    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the run directory)."""
-    out, seen = [], set()
+def _compatible_states(cfg: SearchConfig) -> list[tuple[str, dict]]:
+    """(run directory, saved searcher state) of each ``cfg.warm_start`` run, each checked against
+    ``cfg`` (ValueError naming the run and the field)."""
+    out = []
     for i, d in enumerate(cfg.warm_start):
         where = f"warm_start[{i}] ({d})"
         try:
@@ -58,12 +58,21 @@ def load_warm_results(cfg: SearchConfig) -> list[dict]:
         except (KeyError, ValueError) as e:
             raise ValueError(f"{where}: its searcher state holds no valid search config ({e})") from None
         check_compatible(cfg, other, where)
+        out.append((str(d), state))
+    return out
+
+
+def load_warm_results(cfg: SearchConfig) -> list[dict]:
+    """The reusable results of ``cfg.warm_start``'s runs, in order: dicts with schedule, schedule_hash,
+    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the run directory)."""
+    out, seen = [], set()
+    for d, state in _compatible_states(cfg):
         for r in sorted(state.get("results", []), key=lambda r: r.get("index", 0)):
             if r["nfe"] in cfg.nfe and r["schedule_hash"] not in seen:
                 seen.add(r["schedule_hash"])
                 out.append({"schedule": r["schedule"], "schedule_hash": r["schedule_hash"], "nfe": r["nfe"],
                             "score": float(r["score"]), "failed": bool(r.get("failed")), "source": "warm",
-                            "warm_source": r.get("source"), "warm_from": str(d)})
+                            "warm_source": r.get("source"), "warm_from": d})
     return out
 
 
@@ -73,11 +82,10 @@ def split_seeds(cfg: SearchConfig, noise) -> list:
     from s3_ray.search.space import split_longest_step
     from s3_ray.usf.schedule import SolverSchedule
 
-    if not cfg.warm_start or not cfg.warm_split:
+    if not cfg.warm_split:
         return []
     by_nfe: dict[int, dict[str, tuple[float, str]]] = {}
-    for d in cfg.warm_start:
-        state = load_saved_state(Path(d) / "tune")  # (load_warm_results checked it and its config first)
+    for _, state in _compatible_states(cfg):
         for r in state.get("results", []):
             if not r.get("failed") and r["nfe"] + 1 in cfg.nfe:
                 by_nfe.setdefault(r["nfe"], {}).setdefault(r["schedule_hash"], (float(r["score"]), r["schedule"]))
