@@ -495,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--algo", choices=("s3", "evolution", "random", "optuna-tpe"), default="s3")
     se.add_argument("--name", help="override the run name (runs/<name>/)")
     se.add_argument("--runs", type=out_dir, default="runs", help="root directory of run directories")
-    se.add_argument("--warm-start", action="append", metavar="RUN_DIR", help=(
-        "reuse an earlier search's results (runs/<name>, same model, metric and seed; repeatable; "
-        "overrides the space's warm_start)"))
+    se.add_argument("--warm-start", action="append", metavar="RUN_DIR|URI#EXPERIMENT", help=(
+        "reuse an earlier search's results (same model, metric and seed): its run directory "
+        "(runs/<name>) or its MLflow experiment (<tracking URI>#<name>, or a link copied from the "
+        "MLflow UI); repeatable; overrides the space's warm_start"))
     g = se.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the search in runs/<name>/")
     g.add_argument("--fresh", action="store_true", help="delete runs/<name>/ and start over")

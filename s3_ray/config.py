@@ -310,8 +310,10 @@ class SearchConfig(_Cfg):
     final_top_k: int = Field(default=3, ge=1, description="schedules per NFE re-evaluated at the end")
     seed_schedules: tuple[str, ...] = Field(default=(), description="schedule JSON files evaluated first (source 'user')")
     warm_start: tuple[str, ...] = Field(default=(), description=(
-        "earlier run directories (runs/<name>) of the same model, metric and seed: their results enter "
-        "the pool as evaluated (source 'warm'), cost no budget and are not evaluated again"))
+        "earlier searches of the same model, metric and seed: run directories (runs/<name>) or MLflow "
+        "experiments (<tracking URI>#<experiment name>, or a link from the MLflow UI: "
+        "http://host:port/#/experiments/<id>[/runs/<parent run id>]); their results enter the pool as "
+        "evaluated (source 'warm'), cost no budget and are not evaluated again"))
     warm_split: int = Field(default=3, ge=0, le=50, description=(
         "across NFEs: per NFE k+1 of the range, the warm_start runs' best N schedules at NFE k, each "
         "with its longest logSNR step split in two, join the seed phase (source 'split', from the "

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from s3_ray.config import load_config
+from s3_ray.search.warm_start import load_warm_results
 from s3_ray.usf.baselines import build_baseline
 from s3_ray.usf.noise import VPLinear
 from s3_ray.usf.schedule import SolverSchedule, load_schedule
@@ -102,17 +103,24 @@ def test_screened_search_end_to_end(tmp_path):
 
 
 def test_warm_started_search_end_to_end(tmp_path):
-    """`s3 search --warm-start runs/<earlier>`: the earlier search's results are reused (count in the
-    output and summary), none is evaluated again, the budget pays for new trials only."""
+    """`s3 search --warm-start <its MLflow store>#<experiment>`: the earlier search's results (the
+    same as its run directory holds) are reused (count in the output and summary), none is evaluated
+    again, the budget pays for new trials only."""
     space = write_space(tmp_path, name="first", budget=8)
     search_to_end(space, tmp_path)
     first = tmp_path / "runs" / "first"
     first_hashes = {r["schedule_hash"] for r in json.loads(
         max((first / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())["results"]}
     assert len(first_hashes) == 8
+    wider = write_space(tmp_path, name="first", budget=8, nfe=[4, 5])  # NFE 5 seeded from NFE 4 by splits
+    # the first search's MLflow experiment holds the same results as its run directory
+    store = f"sqlite:///{first}/mlflow.db#first"
+    from_dir, from_store = (load_warm_results(load_config(wider).model_copy(update={"warm_start": (w,)}))
+                            for w in (str(first), store))
+    assert [(w["schedule_hash"], w["score"]) for w in from_store] == [(w["schedule_hash"], w["score"]) for w in from_dir]
+    assert len(from_store) == 8
     try:
-        wider = write_space(tmp_path, name="first", budget=8, nfe=[4, 5])  # NFE 5 seeded from NFE 4 by splits
-        r = run(search_cmd(wider, tmp_path / "runs", "--name", "second", "--warm-start", str(first)), search_env(tmp_path),
+        r = run(search_cmd(wider, tmp_path / "runs", "--name", "second", "--warm-start", store), search_env(tmp_path),
                 tmp_path)
     finally:
         stop_test_ray(tmp_path)
@@ -121,7 +129,7 @@ def test_warm_started_search_end_to_end(tmp_path):
     assert "3 of their best NFE-k schedules split into NFE-(k+1) seeds" in r.stdout
     second = tmp_path / "runs" / "second"
     summary = json.loads((second / "summary.json").read_text())
-    assert summary["warm_start"] == {"runs": [str(first)], "reused": 8, "split": 3} and summary["trials"] == 8
+    assert summary["warm_start"] == {"runs": [store], "reused": 8, "split": 3} and summary["trials"] == 8
     runs = trial_runs(second / "mlflow.db", "second")
     assert len(runs) == 8 and not {x.data.tags["s3.schedule_hash"] for x in runs} & first_hashes
     split = [x for x in runs if x.data.params["source"] == "split"]

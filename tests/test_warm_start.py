@@ -119,3 +119,77 @@ def test_a_warm_search_seeds_the_next_nfe_with_the_earlier_best_split(earlier):
     assert len([r for r in s.results if r["source"] != "warm"]) == cfg.budget  # they are paid from the budget
     assert split_seeds(parse_config({**CFG, "nfe": [5, 6], "warm_split": 0, "warm_start": [str(run)]}), s0.noise) == []
     assert S3Searcher(cfg, algo="random", split_seeds=seeds).queue[0]["source"] == "random"  # pool-free: not used
+
+
+# ---- warm start from an MLflow experiment --------------------------------------------------------
+@pytest.fixture(scope="module")
+def logged(earlier, tmp_path_factory):
+    """The earlier search logged by the real tracker into a real sqlite MLflow store."""
+    from s3_ray.tracking.mlflow_tracking import Tracker
+
+    _, first = earlier
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    tracker = Tracker(uri, CFG["name"], artifact_root=str(root / "artifacts"))
+    parent = tracker.start_parent(first.cfg.model_dump(mode="json"), "s3")
+    for r in first.results:
+        assert tracker.log_trial(r["trial_id"], r, {"score": r["score"], "failed": r["failed"]})
+    return uri, tracker.experiment_id, parent, root
+
+
+def _key(results):
+    return [(r["schedule_hash"], r["nfe"], r["score"], r["failed"]) for r in results]
+
+
+def test_an_mlflow_experiment_warm_starts_like_the_run_directory(earlier, logged):
+    run, first = earlier
+    uri, exp_id, parent, _ = logged
+    from_dir = load_warm_results(parse_config({**CFG, "warm_start": [str(run)]}))
+    by_name = load_warm_results(parse_config({**CFG, "warm_start": [f"{uri}#{CFG['name']}"]}))
+    by_link = load_warm_results(parse_config({**CFG, "warm_start": [f"{uri}#/experiments/{exp_id}/runs/{parent}"]}))
+    assert len(by_name) == len(first.results) == 40
+    assert _key(by_name) == _key(by_link) == _key(from_dir)  # same schedules, scores, failures, order
+    assert [r["schedule"] for r in by_name] == [r["schedule"] for r in from_dir]
+    assert {r["warm_source"] for r in by_name} == {r["source"] for r in first.results}
+    assert all(parent in r["warm_from"] for r in by_name)
+    # and the searcher takes them as it takes a run directory's
+    cfg = parse_config({**CFG, "budget": 30, "warm_start": [f"{uri}#{CFG['name']}"]})
+    assert S3Searcher(cfg, algo="s3", warm_results=by_name).n_warm == 40
+
+
+def test_an_mlflow_search_of_another_seed_is_refused_naming_the_run(logged):
+    uri, _, parent, _ = logged
+    cfg = parse_config({**CFG, "seed": 8, "warm_start": [f"{uri}#{CFG['name']}"]})
+    with pytest.raises(ValueError, match=rf"warm_start\[0\] \(.*run {parent}\) used seed 7, this search 8"):
+        load_warm_results(cfg)
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("sqlite:///nowhere.db", "names no experiment: write <tracking URI>#<experiment name>"),
+    ("{uri}#no-such-search", "holds no experiment named 'no-such-search'"),
+])
+def test_an_mlflow_reference_without_a_search_is_refused(logged, ref, message):
+    cfg = parse_config({**CFG, "warm_start": [ref.format(uri=logged[0])]})
+    with pytest.raises(ValueError, match=rf"warm_start\[0\]: .*{message}"):
+        load_warm_results(cfg)
+
+
+def test_a_swapped_schedule_artifact_is_refused(logged):
+    """A valid schedule.json that is not the run's own (edited in the store) is not reused."""
+    import json
+
+    uri, _, _, root = logged
+    files = sorted((root / "artifacts").rglob("schedule.json"))
+    by_nfe: dict[int, list] = {}
+    for f in files:
+        by_nfe.setdefault(len(json.loads(f.read_text())["steps"]), []).append(f)
+    a, b = next(v for v in by_nfe.values() if len(v) >= 2)[:2]
+    text_a, text_b = a.read_text(), b.read_text()
+    assert text_a != text_b
+    try:
+        a.write_text(text_b)
+        cfg = parse_config({**CFG, "warm_start": [f"{uri}#{CFG['name']}"]})
+        with pytest.raises(ValueError, match="schedule.json does not match its tags .* edited or corrupt"):
+            load_warm_results(cfg)
+    finally:
+        a.write_text(text_a)

@@ -1,8 +1,10 @@
 """Warm starts: a search begins with the results of earlier searches of the same model and metric.
 
 ``warm_start`` in the search space (or ``s3 search --warm-start DIR``, repeatable) lists earlier
-run directories (``runs/<name>/``). Their searchers' saved states hold every full evaluation
-(schedule, score, NFE); those whose NFE this search covers enter the searcher's pool and its
+run directories (``runs/<name>/``), whose searchers' saved states hold every full evaluation
+(schedule, score, NFE), or MLflow experiments (``<tracking URI>#<experiment name>``, or a link
+copied from the MLflow UI: ``http://host:5000/#/experiments/<id>[/runs/<parent run id>]``), whose
+searches' parent and trial runs hold the same (``mlflow_tracking.read_searches``). Those whose NFE this search covers enter the searcher's pool and its
 predictor's training set as evaluated (source ``warm``), are never evaluated again and cost no
 budget; the final re-evaluation considers their best as it does the search's own. A score is only
 comparable under the same model, metric and noise seed, so a run that differs in any of them is
@@ -43,36 +45,50 @@ def check_compatible(cfg: SearchConfig, other: SearchConfig, where: str) -> None
                          "other noise (common random numbers need the same seed)")
 
 
+def is_store_ref(entry: str) -> bool:
+    """A ``warm_start`` entry naming an MLflow store (``<tracking URI>#<experiment>``), not a run directory."""
+    return "://" in entry
+
+
 def _compatible_states(cfg: SearchConfig) -> list[tuple[str, dict]]:
-    """(run directory, saved searcher state) of each ``cfg.warm_start`` run, each checked against
-    ``cfg`` (ValueError naming the run and the field)."""
+    """(where, saved searcher state) of each search ``cfg.warm_start`` names (a run directory, or
+    every search in an MLflow experiment), each checked against ``cfg`` (ValueError naming the
+    entry, the run and the field)."""
+    from s3_ray.tracking.mlflow_tracking import read_searches
+
     out = []
     for i, d in enumerate(cfg.warm_start):
-        where = f"warm_start[{i}] ({d})"
-        try:
-            state = load_saved_state(Path(d) / "tune")
-        except ValueError as e:
-            raise ValueError(f"warm_start: {e}") from None
-        try:
-            other = SearchConfig.model_validate(state["config"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{where}: its searcher state holds no valid search config ({e})") from None
-        check_compatible(cfg, other, where)
-        out.append((str(d), state))
+        if is_store_ref(d):
+            try:
+                found = [(f"warm_start[{i}] ({where})", state) for where, state in read_searches(d)]
+            except ValueError as e:
+                raise ValueError(f"warm_start[{i}]: {e}") from None
+        else:
+            try:
+                found = [(f"warm_start[{i}] ({d})", load_saved_state(Path(d) / "tune"))]
+            except ValueError as e:
+                raise ValueError(f"warm_start: {e}") from None
+        for where, state in found:
+            try:
+                other = SearchConfig.model_validate(state["config"])
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{where}: it holds no valid search config ({e})") from None
+            check_compatible(cfg, other, where)
+            out.append((where, state))
     return out
 
 
 def load_warm_results(cfg: SearchConfig) -> list[dict]:
     """The reusable results of ``cfg.warm_start``'s runs, in order: dicts with schedule, schedule_hash,
-    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the run directory)."""
+    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the entry and run it came from)."""
     out, seen = [], set()
-    for d, state in _compatible_states(cfg):
+    for where, state in _compatible_states(cfg):
         for r in sorted(state.get("results", []), key=lambda r: r.get("index", 0)):
             if r["nfe"] in cfg.nfe and r["schedule_hash"] not in seen:
                 seen.add(r["schedule_hash"])
                 out.append({"schedule": r["schedule"], "schedule_hash": r["schedule_hash"], "nfe": r["nfe"],
                             "score": float(r["score"]), "failed": bool(r.get("failed")), "source": "warm",
-                            "warm_source": r.get("source"), "warm_from": d})
+                            "warm_source": r.get("source"), "warm_from": where})
     return out
 
 

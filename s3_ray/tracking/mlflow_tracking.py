@@ -52,7 +52,7 @@ RETRY_AFTER_S = 5.0  # while the server is down, the callback probes /health at 
 
 # With a tracking server, MLflow's client prints "View run NAME at: URL" to stdout for every run it
 # ends: one line per trial in the middle of the search's own output.
-QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def set_client_env() -> None:
@@ -459,3 +459,102 @@ def _say(msg: str) -> None:
     """Tell the user (the driver's stderr) and the log."""
     print(msg, file=sys.stderr, flush=True)
     log.debug(msg)
+
+
+# ---- reading searches back (warm starts) ----------------------------------------------------------
+def parse_store_ref(ref: str) -> tuple[str, str | None, str | None, str | None]:
+    """``<tracking URI>#<where>`` -> (tracking URI, experiment id, experiment name, parent run id).
+    ``where``: an MLflow UI link's fragment (``/experiments/<id>`` or ``/experiments/<id>/runs/<run
+    id>``) or an experiment (= search) name. ValueError when there is no ``#``."""
+    import re
+
+    uri, sep, where = ref.partition("#")
+    if not sep or not uri or not where:
+        raise ValueError(f"{ref!r} names no experiment: write <tracking URI>#<experiment name>, or paste the "
+                         "MLflow UI's link (…/#/experiments/<id>[/runs/<parent run id>])")
+    m = re.fullmatch(r"/experiments/(\d+)(?:/runs/([0-9a-f]+))?/?", where)
+    if m:
+        return uri.rstrip("/") if uri.startswith("http") else uri, m.group(1), None, m.group(2)
+    return uri, None, where, None
+
+
+def read_searches(ref: str) -> list[tuple[str, dict]]:
+    """The searches logged in the MLflow store ``ref`` (``parse_store_ref``): per parent run,
+    (``'<ref> run <id>'``, a dict like a saved searcher state: ``config`` from the parent's
+    ``config.json``, ``results`` from its finished trial runs, in suggestion order (trial keys): schedule (from
+    ``schedule.json``, hash checked), schedule_hash, nfe, score, failed, source, index). Screening and
+    unfinished runs are left out. ValueError (naming the run) when the store, a parent or a child
+    cannot be read or does not hold what a search logs."""
+    import tempfile
+    from pathlib import Path
+
+    set_client_env()
+    from mlflow.tracking import MlflowClient
+
+    uri, exp_id, exp_name, run_id = parse_store_ref(ref)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if exp_name is not None:
+            exp = client.get_experiment_by_name(exp_name)
+            if exp is None:
+                raise ValueError(f"{uri} holds no experiment named {exp_name!r}")
+            exp_id = exp.experiment_id
+        if run_id:
+            parents = [client.get_run(run_id)]
+        else:
+            parents = _all_runs(client, exp_id, f"tags.`{KIND_TAG}` = 'search'")
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 (an unreachable server, a bad URI, an unknown id)
+        raise ValueError(f"cannot read {ref}: {first_line(e)}") from None
+    if not parents:
+        raise ValueError(f"{ref} holds no search (no parent run tagged {KIND_TAG}=search)")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="s3warm-") as tmp:
+        for p in sorted(parents, key=lambda r: r.info.start_time):
+            where = f"{ref} run {p.info.run_id}"
+            if p.data.tags.get(KIND_TAG) != "search":
+                raise ValueError(f"{where} is not a search's parent run (tag {KIND_TAG} is "
+                                 f"{p.data.tags.get(KIND_TAG)!r})")
+            try:
+                config = json.loads(Path(client.download_artifacts(p.info.run_id, "config.json", tmp)).read_text())
+                kids = _all_runs(client, p.info.experiment_id,
+                                 f"tags.`{PARENT_TAG}` = '{p.info.run_id}' and tags.`{KIND_TAG}` = 'trial'")
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{where}: cannot read its config.json or trial runs ({first_line(e)})") from None
+            results = []
+            for i, k in enumerate(sorted((k for k in kids if k.info.status in ("FINISHED", "FAILED")),
+                                         key=lambda r: (r.data.tags.get(TRIAL_TAG, ""), r.info.start_time))):
+                results.append(_result_of(client, k, i, tmp, where))
+            out.append((where, {"config": config, "results": results}))
+    return out
+
+
+def _all_runs(client, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _result_of(client, run, index: int, tmp: str, where: str) -> dict:
+    """One trial run as a searcher result (``read_searches``)."""
+    from pathlib import Path
+
+    rid = run.info.run_id
+    try:
+        text = Path(client.download_artifacts(rid, "schedule.json", f"{tmp}/{rid}")).read_text()
+        s = SolverSchedule.from_json(text)
+        score, nfe = float(run.data.metrics["score"]), int(run.data.params["nfe"])
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where}: trial run {rid} holds no valid schedule.json, score and nfe ({first_line(e)})") from None
+    h = s.schedule_hash()
+    if run.data.tags.get("s3.schedule_hash") != h or s.nfe() != nfe:
+        raise ValueError(f"{where}: trial run {rid}'s schedule.json does not match its tags (hash {h}, NFE {s.nfe()}) "
+                         "— edited or corrupt; not reused")
+    failed = run.info.status == "FAILED" or run.data.metrics.get("failed", 0.0) == 1.0
+    return {"schedule": s.to_json(), "schedule_hash": h, "nfe": nfe, "score": score, "failed": failed,
+            "source": run.data.tags.get("s3.source") or run.data.params.get("source"), "index": index}
