@@ -12,7 +12,8 @@ the run is missing) and its cost from that run's summary.
     python benchmarks/peers_digits.py [--space digits|digits_cfg] [--run runs/<space>] [--nfe 3,4,5,6]
 
 Writes benchmarks/results/peers_<space>.{json,md}. Target (issue 15): S3 <= 0.8 x the best peer at
-NFE 4 and 5; the script exits 1 when it is missed.
+NFE 4 and 5; the script exits 1 when it is missed. A noise check re-scores S3, the two best peers
+and the converged solve on 12 more seeds (means, paired wins, excess over the floor).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PEERS = ("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2", "ipndm")
 V3_PEERS = ("dpm_solver_v3", "dpm_solver_v3_2")
 DISCS = ("time_uniform", "logsnr_uniform", "time_quadratic", "edm", "gits")
 SCREEN, FINAL, FINAL_SEEDS = 1000, 2000, (20_000, 20_001)
+NOISE_SEEDS = tuple(range(30_000, 30_012))  # the noise check: S3, the two best peers and converged on 12 more seeds
 TARGET_RATIO, TARGET_NFES = 0.8, (4, 5)
 
 
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
         keys = [key for key in finalists for _ in FINAL_SEEDS]
         jobs = [(key[0], finalists[key], FINAL, seed) for key in finalists for seed in FINAL_SEEDS]
         scores = list(pool.map(_score_job, jobs))
+        noise_check = _noise_check(pool, finalists, keys, scores, noise)
     final = {}
     for key, r in zip(keys, scores):
         final.setdefault(key, []).append(r["score"])
@@ -177,6 +180,7 @@ def main(argv=None) -> int:
     result = {"space": str(space.relative_to(ROOT)), "reference": cfg.metric.reference,
               "run": str(run), "screen_samples": SCREEN,
               "final_samples": FINAL, "final_seeds": list(FINAL_SEEDS), "rows": rows, "verdict": verdict,
+              "noise_check": noise_check, "noise_seeds": list(NOISE_SEEDS),
               "gits_costs": list(gits.values()), "ems_cost": ems_cost,
               "s3_cost": {"trials": summary.get("trials"), "search_seconds": summary.get("search_seconds")},
               "seconds": time.time() - started}
@@ -187,6 +191,43 @@ def main(argv=None) -> int:
     (out / f"peers_{a.space}.md").write_text(md)
     print(md)
     return 0 if all(v["met"] for v in verdict) else 1
+
+
+def _noise_check(pool, finalists: dict, keys: list, scores: list, noise) -> list[dict]:
+    """Per NFE: S3 and the two best peers of the 2-seed table, and the converged reference solve (the
+    metric's floor), each on ``NOISE_SEEDS``: means, per-seed S3 wins (paired: the same noise), the
+    ratio to the best peer and the excess-over-floor ratio (S3 - floor) / (peer - floor)."""
+    import numpy as np
+
+    from s3_ray.metrics.evaluate import REFERENCE_SOLVER
+    from s3_ray.usf.baselines import build_baseline
+
+    two_seed: dict = {}
+    for key, r in zip(keys, scores):
+        two_seed.setdefault(key, []).append(r["score"])
+    picks = {}
+    for (lab, k) in finalists:
+        if lab != "S3 (exported)" or None in two_seed[(lab, k)]:
+            continue
+        peers = sorted((sum(v) / len(v), name) for (name, kk), v in two_seed.items()
+                       if kk == k and name != lab and None not in v)
+        picks[k] = [lab] + [name for _, name in peers[:2]]
+    conv = build_baseline(REFERENCE_SOLVER[0], noise, REFERENCE_SOLVER[1]).to_json()
+    jobs = [((lab, k), finalists[(lab, k)]) for k in sorted(picks) for lab in picks[k]] + [(("converged", 0), conv)]
+    got = list(pool.map(_score_job, [(key[0], sj, FINAL, seed) for key, sj in jobs for seed in NOISE_SEEDS]))
+    per = {key: [g["score"] for g in got[i * len(NOISE_SEEDS):(i + 1) * len(NOISE_SEEDS)]] for i, (key, _) in enumerate(jobs)}
+    floor = float(np.mean(per[("converged", 0)]))
+    out = []
+    for k in sorted(picks):
+        s3 = np.array(per[(picks[k][0], k)], dtype=float)
+        for peer in picks[k][1:]:
+            v = np.array(per[(peer, k)], dtype=float)
+            out.append({"nfe": k, "peer": peer, "s3_mean": float(s3.mean()), "s3_sd": float(s3.std(ddof=1)),
+                        "peer_mean": float(v.mean()), "peer_sd": float(v.std(ddof=1)), "floor": floor,
+                        "floor_sd": float(np.std(per[("converged", 0)], ddof=1)),
+                        "s3_wins": int((s3 < v).sum()), "seeds": len(s3), "ratio": float(s3.mean() / v.mean()),
+                        "excess_ratio": float((s3.mean() - floor) / (v.mean() - floor))})
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -204,6 +245,17 @@ def markdown(r: dict) -> str:
         met = "-" if v["nfe"] not in TARGET_NFES else ("met" if v["met"] else "missed")
         lines.append(f"| {v['nfe']} | {v['best_peer']} | {v['best_peer_fid']:.3f} | {v['s3_fid']:.3f} | "
                      f"{v['ratio']:.2f} | {met} |")
+    if r.get("noise_check"):
+        n = len(r["noise_seeds"])
+        lines += ["", f"Noise check: the 2-seed table's FID has a seed spread as large as the gaps it ranks, so S3 and "
+                  f"the two best peers per NFE, and the converged reference solve (the floor), again on {n} more seeds "
+                  f"x {r['final_samples']} samples (the same noise for all; mean ± sd over seeds):", "",
+                  "| NFE | peer | peer FID | S3 FID | S3 lower on | S3 / peer | floor | (S3 - floor) / (peer - floor) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for v in r["noise_check"]:
+            lines.append(f"| {v['nfe']} | {v['peer']} | {v['peer_mean']:.4f} ± {v['peer_sd']:.4f} | {v['s3_mean']:.4f} ± "
+                         f"{v['s3_sd']:.4f} | {v['s3_wins']} of {v['seeds']} seeds | {v['ratio']:.2f} | "
+                         f"{v['floor']:.4f} ± {v['floor_sd']:.4f} | {v['excess_ratio']:.2f} |")
     c = r["s3_cost"]
     lines += ["", "Precomputation: GITS (256 teacher samples, 61 candidates, computed afresh per peer and NFE): "
               + ", ".join(f"{g['name']}@{g['nfe']} {g['seconds']:.0f} s / {g['model_calls']} calls "
