@@ -306,3 +306,27 @@ def test_heldout_tau_with_a_known_predictor(monkeypatch, sign):
     # a different seed holds out a different split
     heldout_tau(schedules, scores, cfg, noise, seed=2)
     assert _KnownPredictor.fits[1] != fit
+
+
+def test_predictor_quality_measures_each_stage_on_its_own_capped_training_set(monkeypatch):
+    """With predictor.max_train capping the training set, the held-out tau after the search is
+    measured on the very set the stage's predictor was fit on (not on the first n_train results)."""
+    cfg = parse_config({**CFG, "predictor": {**CFG["predictor"], "max_train": 20}})
+    planned = []
+    fit = predictor_module.PredictorEnsemble.fit
+
+    def recording_fit(self, schedules, scores):
+        planned.append({s.schedule_hash() for s in schedules})
+        return fit(self, schedules, scores)
+
+    monkeypatch.setattr(predictor_module.PredictorEnsemble, "fit", recording_fit)
+    s = S3Searcher(cfg, algo="s3")
+    assert run_loop(s) == "finished"
+    monkeypatch.setattr(predictor_module.PredictorEnsemble, "fit", fit)
+    assert [len(p) for p in planned] == [t["n_train"] for t in s.taus] and planned[-1] and len(planned[-1]) <= 21
+    ordered = sorted(s.results, key=lambda r: r["index"])
+    assert planned[-1] != {r["schedule_hash"] for r in ordered[: s.taus[-1]["n_train"]]}  # the cap chose a subset
+    _use_known_predictor(monkeypatch, {r["schedule_hash"]: r["score"] for r in s.results})
+    predictor_quality(json.loads(json.dumps(s.get_state())))
+    for trained, fit_on, held in zip(planned, _KnownPredictor.fits, _KnownPredictor.predicted, strict=True):
+        assert not fit_on & held and fit_on | held == trained

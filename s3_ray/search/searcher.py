@@ -183,6 +183,7 @@ class S3Searcher(Searcher):
         budget = self.stage_budgets[stage]
         survivors = screen_split(budget, self.cfg.screen) if self.cfg.screen else 0
         n_choose = survivors * self.cfg.screen.factor if survivors else budget
+        below = max((r["index"] for r in results), default=-1) + 1  # the training set: a subset of the results below
         results = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
                                   self.cfg.seed + stage)
         schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
@@ -201,7 +202,8 @@ class S3Searcher(Searcher):
         chosen = round_robin({nfe: [c for _, c in g] for nfe, g in by_nfe.items()}, n_choose)
         for c in chosen:
             seen.add(c["schedule_hash"])
-        info = {"stage": stage, "n_train": len(results), "candidates": len(cands), "chosen": len(chosen)}
+        info = {"stage": stage, "n_train": len(results), "train_below": below, "candidates": len(cands),
+                "chosen": len(chosen)}
         if survivors:  # "chosen" becomes the stage's full evaluations when they are known
             info.update(screened=len(chosen), survivors=min(survivors, len(chosen)))
         return chosen, info
@@ -526,7 +528,12 @@ def predictor_quality(state: dict) -> list[dict]:
     encodings: dict = {}  # the stages' training sets overlap: encode each schedule once
     out = []
     for t in state["taus"]:
-        k, trained = t["stage"], results[: t["n_train"]]
+        k = t["stage"]
+        if "train_below" in t:  # the stage's own training set (capped by predictor.max_train)
+            trained = training_subset([r for r in results if r["index"] < t["train_below"]], cfg.predictor.max_train,
+                                      cfg.seed + k)
+        else:  # a state from before train_below: right unless max_train capped the set
+            trained = results[: t["n_train"]]
         tau = heldout_tau([SolverSchedule.from_json(r["schedule"]) for r in trained], [r["score"] for r in trained],
                           cfg.predictor, noise, seed=cfg.seed + k, encoding_cache=encodings)
         own = [r for r in results if r.get("stage") == k and "predicted" in r]
