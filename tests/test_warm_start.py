@@ -193,3 +193,31 @@ def test_a_swapped_schedule_artifact_is_refused(logged):
             load_warm_results(cfg)
     finally:
         a.write_text(text_a)
+
+
+def test_a_link_from_a_real_tracking_server_warm_starts(earlier, tmp_path):
+    """`--warm-start 'http://127.0.0.1:<port>/#/experiments/<id>'` (as copied from the MLflow UI) on a
+    real `mlflow server` (sqlite behind it, artifacts served by the server)."""
+    import socket
+
+    from s3_ray.tracking import server
+    from s3_ray.tracking.mlflow_tracking import Tracker
+
+    run, first = earlier
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "server.log"
+    proc = server.start_server(port=port, runs=tmp_path / "runs", log=log)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        assert server.wait_healthy(uri, 180, proc), log.read_text()[-3000:]
+        tracker = Tracker(uri, CFG["name"])
+        tracker.start_parent(first.cfg.model_dump(mode="json"), "s3")
+        for r in first.results:
+            tracker.log_trial(r["trial_id"], r, {"score": r["score"], "failed": r["failed"]})
+        link = f"{uri}/#/experiments/{tracker.experiment_id}"
+        warm = load_warm_results(parse_config({**CFG, "warm_start": [link]}))
+        assert _key(warm) == _key(load_warm_results(parse_config({**CFG, "warm_start": [str(run)]})))
+    finally:
+        server.stop_server(proc)
