@@ -76,7 +76,7 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
     files, the tracking server, Ray's resources); only then does ``fresh`` delete the old run. A
     search that fails after its MLflow parent run exists marks that run FAILED with the reason."""
     from s3_ray.search.preflight import check_files, check_resources, run_dir_for
-    from s3_ray.search.warm_start import load_warm_results, split_seeds
+    from s3_ray.search.warm_start import load_warm_results, split_seeds, warm_states
     from s3_ray.tracking.mlflow_tracking import TRACKING_FILE, read_tracking, write_tracking
 
     try:
@@ -92,8 +92,8 @@ def run_search(cfg: SearchConfig, *, address: str | None = None, mlflow_uri: str
         raise SearchError(f"{run_dir} already holds a search: continue it with --resume, or start over with --fresh")
     try:
         cfg = check_files(cfg)  # with the decisions the target can run
-        warm = [] if resume else load_warm_results(cfg)  # read before --fresh may delete a listed run
-        splits = [] if resume else split_seeds(cfg, noise_for(cfg.model))
+        states = [] if resume else warm_states(cfg)  # read once (a store's artifacts), before --fresh may delete a listed run
+        warm, splits = load_warm_results(cfg, states), split_seeds(cfg, noise_for(cfg.model), states)
     except ValueError as e:
         raise SearchError(str(e)) from None
     tracking = read_tracking(run_dir / TRACKING_FILE) if resume else {}

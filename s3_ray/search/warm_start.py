@@ -50,7 +50,7 @@ def is_store_ref(entry: str) -> bool:
     return "://" in entry
 
 
-def _compatible_states(cfg: SearchConfig) -> list[tuple[str, dict]]:
+def warm_states(cfg: SearchConfig) -> list[tuple[str, dict]]:
     """(where, saved searcher state) of each search ``cfg.warm_start`` names (a run directory, or
     every search in an MLflow experiment), each checked against ``cfg`` (ValueError naming the
     entry, the run and the field)."""
@@ -78,11 +78,12 @@ def _compatible_states(cfg: SearchConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def load_warm_results(cfg: SearchConfig) -> list[dict]:
+def load_warm_results(cfg: SearchConfig, states: list[tuple[str, dict]] | None = None) -> list[dict]:
     """The reusable results of ``cfg.warm_start``'s runs, in order: dicts with schedule, schedule_hash,
-    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the entry and run it came from)."""
+    nfe, score, failed, source 'warm', warm_source (its source there) and warm_from (the entry and run
+    it came from). ``states``: ``warm_states(cfg)`` when already read (default: read them)."""
     out, seen = [], set()
-    for where, state in _compatible_states(cfg):
+    for where, state in warm_states(cfg) if states is None else states:
         for r in sorted(state.get("results", []), key=lambda r: r.get("index", 0)):
             if r["nfe"] in cfg.nfe and r["schedule_hash"] not in seen:
                 seen.add(r["schedule_hash"])
@@ -92,7 +93,7 @@ def load_warm_results(cfg: SearchConfig) -> list[dict]:
     return out
 
 
-def split_seeds(cfg: SearchConfig, noise) -> list:
+def split_seeds(cfg: SearchConfig, noise, states: list[tuple[str, dict]] | None = None) -> list:
     """The ``warm_split`` best NFE-k schedules of the warm runs, per NFE k+1 of ``cfg``, each split
     into an NFE-(k+1) schedule (``space.split_longest_step``); best first within each NFE."""
     from s3_ray.search.space import split_longest_step
@@ -101,7 +102,7 @@ def split_seeds(cfg: SearchConfig, noise) -> list:
     if not cfg.warm_split:
         return []
     by_nfe: dict[int, dict[str, tuple[float, str]]] = {}
-    for _, state in _compatible_states(cfg):
+    for _, state in warm_states(cfg) if states is None else states:
         for r in state.get("results", []):
             if not r.get("failed") and r["nfe"] + 1 in cfg.nfe:
                 by_nfe.setdefault(r["nfe"], {}).setdefault(r["schedule_hash"], (float(r["score"]), r["schedule"]))
