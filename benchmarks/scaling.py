@@ -110,10 +110,11 @@ def driver(a) -> None:
         setattr(owner, name, wrapper)
 
     inner = defaultdict(float)
-    timed_inner(smod.S3Searcher, "_plan", "plan_stage")  # in suggest, or beside it (plan_ahead)
+    timed_inner(smod.S3Searcher, "_fit_stage", "plan_stage")  # in suggest, or beside it (plan_ahead)
+    timed_inner(smod, "plan_chunk", "plan_stage")
     timed_inner(pmod.Predictor, "fit", "predictor_fit")
     timed_inner(smod, "predictor_quality", "quality_after_search")  # the driver's, after Tuner.fit
-    timed_inner(smod.S3Searcher, "_mutants", "mutants")
+    timed_inner(smod, "breed", "mutants")
     fit_info = {}
     orig_fit = tune.Tuner.fit
 

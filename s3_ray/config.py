@@ -294,6 +294,18 @@ class SearchConfig(_Cfg):
         "(a stage's first one at least, half the seed phase at least), and those k count from the stage "
         "after; the seed phase then holds at least 2 x concurrency schedules (random ones fill it). "
         "k >= a stage's size: asynchronous stages (each trains on every result before the previous stage)"))
+    plan_lag: int = Field(default=0, ge=0, description=(
+        "asynchronous stages (plan_ahead >= a stage's size): the next stage trains on every result "
+        "suggested before the current stage except the last plan_lag ones (at least one more than the "
+        "current stage trained on), and the first stage on half the seed phase less plan_lag / 2 (at "
+        "least concurrency; the seed phase then holds 2 x concurrency + plan_lag), so that stragglers "
+        "do not hold a stage's planning up (benchmarks/results/scale_sim.md)"))
+    plan_chunk: int = Field(default=256, ge=1, description=(
+        "proposals per planning chunk: a larger stage is planned in chunks (own seed, a share of the "
+        "candidates), queued in chunk order as each is ready, so workers start on its first chunk"))
+    plan_workers: int = Field(default=1, ge=1, le=64, description=(
+        "processes that plan a stage's chunks in parallel (1: the planning thread); a head with spare "
+        "cores planning for hundreds of workers needs several (benchmarks/results/scale_sim*.md)"))
     random_init: int = Field(default=10, ge=0, description="random schedules per NFE before the first stage")
     operators: OperatorConfig = OperatorConfig()
     decisions: DecisionSpace = DecisionSpace()

@@ -7,6 +7,7 @@ import copy
 import json
 
 import pytest
+import scipy.stats
 from ray.tune.search import Searcher
 
 from s3_ray.config import ConfigError, MetricConfig, ScreenConfig, parse_config
@@ -117,16 +118,26 @@ def test_cost_accounting_adds_up(screened_run):
 
 
 def test_quality_reports_how_the_screening_fidelity_ranked(screened_run):
-    s, _ = screened_run
+    s, trace = screened_run
     quality = predictor_quality(json.loads(json.dumps(s.get_state())))
     assert [q["stage"] for q in quality] == [0, 1]
     for q in quality:
         assert -1 <= q["screen_vs_full_tau"] <= 1 and -1 <= q["predicted_vs_screen_tau"] <= 1
         print(f"stage {q['stage']}: screen vs full tau {q['screen_vs_full_tau']:.2f}, "
               f"predicted vs screen tau {q['predicted_vs_screen_tau']:.2f}")
-    # on this target both fidelities are RMSE against the same converged solve (16 vs 64 samples):
-    # the cheap one ranks the survivors nearly as the full one does
-    assert min(q["screen_vs_full_tau"] for q in quality) > 0.6
+    # against taus computed here from the trace with scipy: per NFE over each stage's survivors,
+    # weighted by group size
+    screen_score = {h: sc for _, c, r in trace if "screen" in c for h, sc in zip(c["schedule_hashes"], r["scores"])}
+    for q in quality:
+        full = [(c["nfe"], screen_score[c["schedule_hash"]], r["score"]) for _, c, r in trace
+                if c["stage"] == q["stage"] and "screen" not in c]
+        groups = [[(a, b) for n, a, b in full if n == nfe] for nfe in sorted({n for n, *_ in full})]
+        groups = [g for g in groups if len(g) >= 3]
+        want = sum(len(g) * scipy.stats.kendalltau(*zip(*g)).statistic for g in groups) / sum(map(len, groups))
+        assert q["screen_vs_full_tau"] == pytest.approx(want, abs=1e-9)
+    # both fidelities are RMSE against the same converged solve (16 vs 64 samples): better than
+    # chance even among survivors (a restricted range: 16 per stage, tau 0.0-0.86 over seeds 5-12)
+    assert sum(q["screen_vs_full_tau"] for q in quality) / len(quality) > 0.2
 
 
 def test_resume_in_the_middle_of_a_rung_continues_without_rerunning(screened_run, tmp_path):

@@ -42,8 +42,10 @@ def nan_schedule(path: Path) -> Path:
 
 
 def test_smoke_search_end_to_end(tmp_path):
-    # plan_ahead 1: each stage is planned in the background while the previous stage's last trial runs
-    space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))], plan_ahead=1)
+    # plan_ahead 1: each stage is planned in the background while the previous stage's last trial runs,
+    # in chunks of 2 (stages of 3) made on 2 planning processes beside the driver
+    space = write_space(tmp_path, name="e2e", seed_schedules=[str(nan_schedule(tmp_path / "nan.json"))], plan_ahead=1,
+                        plan_chunk=2, plan_workers=2)
     r = search_to_end(space, tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
     cfg = load_config(space)
@@ -75,6 +77,7 @@ def test_smoke_search_end_to_end(tmp_path):
     state = json.loads(max((run_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime).read_text())
     starts = [min(r["index"] for r in state["results"] if r["stage"] == k) for k in range(cfg.stages)]
     assert [t["n_train"] for t in state["taus"]] == [start - 1 for start in starts]
+    assert [t["chosen"] for t in state["taus"]] == state["stage_budgets"] and state["stream"] is None
 
 
 def test_screened_search_end_to_end(tmp_path):

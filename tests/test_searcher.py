@@ -165,10 +165,10 @@ def run_concurrent(searcher, workers: int, order_seed: int, stop_when=None):
             if finished:
                 return overlapped, None
             assert searcher._plan_job is not None, "nothing in flight: only a stage being planned may hold it up"
-            searcher._plan_job[0].result()
+            searcher.plan_future().result()
             continue
         if searcher._plan_job is not None and rng.random() < 0.5:
-            searcher._plan_job[0].result()
+            searcher.plan_future().result()
         tid = str(rng.choice(sorted(inflight)))
         cfg = inflight.pop(tid)
         target = target or get_target(cfg["model"], cfg["metric"])

@@ -36,7 +36,7 @@ def drive_in_order(searcher: S3Searcher, workers: int) -> list[str]:
         if not inflight:
             if searcher._plan_job is None:
                 return out
-            searcher._plan_job[0].result()
+            searcher.plan_future().result()
             continue
         tid, cfg = inflight.pop(0)
         target = target or get_target(cfg["model"], cfg["metric"])

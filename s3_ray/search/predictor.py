@@ -382,6 +382,9 @@ class Predictor:
         self.final_loss = float("nan")
         self.params = self._init_params()
 
+    def __getstate__(self):  # to a planning process: without the (shared, large) encoding cache
+        return {**self.__dict__, "encoding_cache": None}
+
     # ---- network ----------------------------------------------------------------------------
     # Deep-sets over steps: phi (an MLP with ``cfg.hidden``) maps every present step block to a
     # vector; the vectors are summed (errors accumulate over steps) and, with the global
@@ -552,6 +555,9 @@ class PredictorEnsemble:
     def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, encoding_cache: dict | None = None):
         self.cfg, self.noise, self.seed, self.encoding_cache = cfg, noise, int(seed), encoding_cache
         self.members: list[Predictor] = []
+
+    def __getstate__(self):
+        return {**self.__dict__, "encoding_cache": None}
 
     def fit(self, schedules: Sequence[SolverSchedule], scores) -> PredictorEnsemble:
         schedules, scores = list(schedules), np.asarray(scores, dtype=np.float64)

@@ -21,6 +21,7 @@ evaluation settings (model and metric configs, sample count, noise seed).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
@@ -35,7 +36,7 @@ from ray.tune.search import Searcher
 
 from s3_ray.config import SearchConfig
 from s3_ray.models.pipeline import noise_for
-from s3_ray.search.predictor import PredictorEnsemble, heldout_tau, per_nfe_tau
+from s3_ray.search.predictor import PredictorEnsemble, encode_many, heldout_tau, per_nfe_tau
 from s3_ray.search.seed_baselines import baseline_schedules
 from s3_ray.search.space import propose, random_schedule_at_nfe
 from s3_ray.search.tpe import TPEProposer
@@ -79,8 +80,11 @@ class S3Searcher(Searcher):
         self.trial_settings: dict = {}  # extra keys for every trial config (the driver sets the result cache)
         self.tpe = TPEProposer(config, self.noise) if algo == "optuna-tpe" else None
         self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
-        self._plan_job = None  # (future, rng, seen) of the next stage while it is planned ahead
-        self.submit_plan = _submit_plan  # runs a stage's planning beside the search (a simulation's clock)
+        self._plan_job: StagePlan | None = None  # the stage being planned (not saved: _stream replans it)
+        self._stream: dict | None = None  # a streamed stage's remaining chunks, for a restore
+        self.submit_plan = _submit_plan  # fits a stage's predictor beside the search (a simulation's clock)
+        self.submit_chunk = _submit_chunk  # makes a chunk's proposals (plan_workers processes)
+        self.map_parallel = _map_parallel  # a fit's encodings on the planning processes
         self.waiting_for = None  # why the last suggest returned None: 'results' or 'planning'
         self._gits_grids = gits_grids or {}
         self._split_seeds = list(split_seeds or []) if algo in ("s3", "evolution") else []
@@ -92,17 +96,7 @@ class S3Searcher(Searcher):
                   baseline: str | None = None) -> dict | None:
         """A trial's config (None when the schedule was proposed before); ``baseline``: the
         baseline's 'builder/discretization' name, shown in progress, MLflow and the summary."""
-        seen = self.seen if seen is None else seen
-        h = s.schedule_hash()
-        if h in seen:
-            return None
-        seen.add(h)
-        samples = self.cfg.metric.samples[min(max(stage, 0), len(self.cfg.metric.samples) - 1)]
-        config = {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
-                  "samples": samples, "seed": self.cfg.seed, "cost": 1.0}
-        if baseline is not None:
-            config["baseline"] = baseline
-        return config
+        return make_proposal(self.cfg, s, source, stage, self.seen if seen is None else seen, baseline)
 
     def _add_warm(self, warm: list[dict]):
         """Earlier results as if evaluated before this search (indices -n..-1, before every trial):
@@ -130,8 +124,9 @@ class S3Searcher(Searcher):
                               None))
         if self.algo == "s3" and cfg.plan_ahead and seeds:
             # Planning ahead, every worker has a seed schedule while the first stage is planned
-            # from the seed phase's first part: random ones fill the phase to 2 x concurrency.
-            for i in range(max(0, min(2 * cfg.concurrency, cfg.budget) - len(seeds))):
+            # from the seed phase's first part: random ones fill the phase to 2 x concurrency
+            # (+ plan_lag: room for the first wave's stragglers).
+            for i in range(max(0, min(2 * cfg.concurrency + cfg.plan_lag, cfg.budget) - len(seeds))):
                 nfe = cfg.nfe[i % len(cfg.nfe)]
                 seeds.append((random_schedule_at_nfe(self.rng, self.noise, nfe, cfg.decisions, cfg.operators), "random",
                               None))
@@ -149,69 +144,139 @@ class S3Searcher(Searcher):
         order they arrived in (a restored search plans the same stage)."""
         return sorted(self.results, key=lambda r: r["index"])
 
-    @staticmethod
-    def _pool(results: list[dict]) -> dict[int, list[tuple[SolverSchedule, float]]]:
-        pool = defaultdict(list)
-        for r in results:
-            pool[r["nfe"]].append((SolverSchedule.from_json(r["schedule"]), r["score"]))
-        return pool
+    def _mutants(self, n: int, stage: int, source: str) -> list[dict]:
+        """Up to ``n`` new (unseen) evolutionary proposals bred from every result (``evolution``)."""
+        return breed(self.cfg, self.noise, breeding_pool(self._ordered_results()), n, stage, source, self.rng, self.seen)
 
-    def _mutants(self, n: int, stage: int, source: str, results: list[dict] | None = None,
-                 rng: np.random.Generator | None = None, seen: set | None = None) -> list[dict]:
-        """Up to ``n`` new (unseen) evolutionary proposals with target NFEs drawn from the range,
-        bred from ``results`` (default: all) with ``rng`` and ``seen`` (default: the searcher's)."""
-        rng = self.rng if rng is None else rng
-        seen = self.seen if seen is None else seen
-        pool, out, tries = self._pool(self._ordered_results() if results is None else results), [], 0
-        allowed = set(self.cfg.nfe)
-        while len(out) < n and tries < 20 * n + 100:
-            tries += 1
-            target = int(rng.choice(self.cfg.nfe))
-            s = propose(rng, pool, target, self.noise, self.cfg.decisions, self.cfg.operators, allowed)
-            p = self._proposal(s, source, stage, seen)
-            if p is not None:
-                out.append(p)
-        return out
-
-    def _plan(self, stage: int, results: list[dict], rng: np.random.Generator, seen: set) -> tuple[list[dict], dict]:
-        """Stage ``stage``'s proposals: retrain the predictor on ``results`` (in suggestion order),
-        rank many mutants, keep the top ones. Uses and advances ``rng`` and ``seen`` only, so it
-        can run on copies beside the search (``plan_ahead``). Returns (chosen, bookkeeping).
-
-        The predictor's quality is measured after the search (``predictor_quality``), so that
-        planning does only what the proposals need."""
+    # ---- S3 stages: a fit, then chunks ------------------------------------------------------------
+    # A stage is planned in two steps: the predictor is fit on the stage's training set (on the
+    # planning thread), then the stage's proposals are made in chunks of at most ``plan_chunk``,
+    # each from its own seed (drawn from the searcher's rng when the stage starts) and its share of
+    # the candidates, on ``plan_workers`` processes. Chunks are queued in chunk order as each is
+    # ready, so workers start on a stage's first chunk while the rest is planned, and the proposals
+    # do not depend on which chunk finished first or on the order results arrived in. A chunk's
+    # schedules already proposed (by an earlier chunk) are replaced by its next-ranked candidates.
+    def _stage_shape(self, stage: int) -> tuple[int, int, list[list[int]]]:
+        """(proposals to choose, screening survivors (0: no screening), per chunk (candidates, proposals))."""
         budget = self.stage_budgets[stage]
         survivors = screen_split(budget, self.cfg.screen) if self.cfg.screen else 0
         n_choose = survivors * self.cfg.screen.factor if survivors else budget
+        n_cands = max(self.cfg.predictor.candidates, n_choose)
+        # chunk sizes grow from plan_chunk / 8, doubling, to plan_chunk: the first proposals come soon
+        sizes, size = [], max(1, self.cfg.plan_chunk // 8)
+        while sum(sizes) < n_choose:
+            sizes.append(min(size, n_choose - sum(sizes)))
+            size = min(2 * size, self.cfg.plan_chunk)
+        sizes = sizes or [0]
+        # candidates in proportion; a few spare ones replace a chunk's duplicates of earlier chunks' proposals
+        bounds = [round(n_cands * x / max(n_choose, 1)) for x in np.cumsum([0, *sizes])]
+        return n_choose, survivors, [[max(b - a, m + m // 32 + 2), m] for a, b, m in zip(bounds, bounds[1:], sizes)]
+
+    def _fit_stage(self, stage: int, results: list[dict]) -> tuple[PredictorEnsemble, dict, dict]:
+        """Stage ``stage``'s predictor, trained on (a capped subset of) ``results`` in suggestion
+        order, the schedules' encodings not yet cached made on the planning processes first;
+        returns it, the breeding pool (the training set) and the stage's bookkeeping.
+
+        The predictor's quality is measured after the search (``predictor_quality``), so that
+        planning does only what the proposals need."""
+        n_choose, survivors, _ = self._stage_shape(stage)
         below = max((r["index"] for r in results), default=-1) + 1  # the training set: a subset of the results below
-        results = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
-                                  self.cfg.seed + stage)
-        schedules = [SolverSchedule.from_json(r["schedule"]) for r in results]
+        train = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
+                                self.cfg.seed + stage)
+        missing = list({r["schedule_hash"]: r["schedule"] for r in train if r["schedule_hash"] not in self._encodings}.items())
+        k = min(self.cfg.plan_workers, math.ceil(len(missing) / 64))
+        bounds = np.cumsum([0, *_split(len(missing), k)]) if k else [0]
+        parts = [missing[a:b] for a, b in zip(bounds, bounds[1:])]
+        for part, x in zip(parts, self.map_parallel(encode_chunk, self.cfg, self.noise, [[j for _, j in p] for p in parts])):
+            self._encodings.update(zip([h for h, _ in part], x))
         predictor = PredictorEnsemble(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
                                       encoding_cache=self._encodings)
-        predictor.fit(schedules, [r["score"] for r in results])
-        cands = self._mutants(max(self.cfg.predictor.candidates, n_choose), stage, "predictor", results, rng, seen)
-        for c in cands:  # only the chosen ones stay "seen"
-            seen.discard(c["schedule_hash"])
-        acq, pred = predictor.acquire([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else ([], [])
-        by_nfe = defaultdict(list)
-        for c, a, p in zip(cands, acq, pred):  # "predicted": the members' mean, what proposal_tau measures
-            by_nfe[c["nfe"]].append((float(a), {**c, "predicted": float(p)}))
-        for group in by_nfe.values():
-            group.sort(key=lambda pc: pc[0])
-        chosen = round_robin({nfe: [c for _, c in g] for nfe, g in by_nfe.items()}, n_choose)
-        for c in chosen:
-            seen.add(c["schedule_hash"])
-        info = {"stage": stage, "n_train": len(results), "train_below": below, "candidates": len(cands),
-                "chosen": len(chosen)}
+        predictor.fit([SolverSchedule.from_json(r["schedule"]) for r in train], [r["score"] for r in train])
+        info = {"stage": stage, "n_train": len(train), "train_below": below, "candidates": 0, "chosen": 0}
         if survivors:  # "chosen" becomes the stage's full evaluations when they are known
-            info.update(screened=len(chosen), survivors=min(survivors, len(chosen)))
-        return chosen, info
+            info.update(screened=0, survivors=survivors)
+        return predictor, breeding_pool(train), info
 
-    def _plan_stage(self):
-        """Plan the next stage now, from every result (``plan_ahead = 0``: no trial is in flight)."""
-        chosen, info = self._plan(self.stage + 1, self._ordered_results(), self.rng, self.seen)
-        self._commit_stage(chosen, info)
+    def _start_plan(self, stage: int, cutoff: int):
+        """Start planning stage ``stage`` from the results with index < ``cutoff`` (all of them in),
+        on copies of the rng and the seen set that the stage's first chunk commits."""
+        rng = copy.deepcopy(self.rng)
+        shares = self._stage_shape(stage)[2]
+        seeds = [int(x) for x in rng.integers(0, 2**63 - 1, size=len(shares))]
+        self._plan_job = StagePlan(stage, cutoff, seeds, shares, rng, set(self.seen), taken=0)
+        self._plan_job.fit = self.submit_plan(self._fit_stage, stage, self._results_below(cutoff))
+
+    def _results_below(self, cutoff: int) -> list[dict]:
+        return [r for r in self.results if r["index"] < cutoff]
+
+    def _resume_stream(self):
+        """After a restore in the middle of a streamed stage: plan its remaining chunks again (the
+        same fit, seeds and seen set as before, so the same proposals)."""
+        st = self._stream
+        seen = self.seen - set(st["merged"])
+        self._plan_job = StagePlan(st["stage"], st["cutoff"], st["seeds"], st["shares"], None,
+                                   seen, taken=st["taken"], merged=list(st["merged"]))
+        self._plan_job.fit = self.submit_plan(self._fit_stage, st["stage"], self._results_below(st["cutoff"]))
+
+    def _advance_plan(self, wait: bool) -> bool:
+        """Move the stage being planned on: start its chunks once its predictor is fit, queue its
+        ready chunks in order (the first one commits the stage). ``wait``: block for the next piece.
+        True when it took a chunk."""
+        if self._plan_job is None and self._stream is not None:
+            self._resume_stream()
+        job = self._plan_job
+        if job is None:
+            return False
+        if job.chunks is None:
+            if not (wait or job.fit.done()):
+                return False
+            predictor, pool, info = job.fit.result()
+            job.info = self.taus[-1] if self._stream is not None else info
+            job.chunks = [None if j < job.taken else
+                          self.submit_chunk(plan_chunk, self.cfg, self.noise, predictor, pool, job.stage, seed, job.seen,
+                                            n_cands)
+                          for j, (seed, (n_cands, _)) in enumerate(zip(job.seeds, job.shares))]
+        if self.cfg.screen is not None:  # a screening rung needs the whole stage: no streaming
+            if not (wait or all(f.done() for f in job.chunks)):
+                return False
+            for j in range(len(job.chunks)):
+                self._take_chunk(job, *job.chunks[j].result(), commit=False)
+            self._plan_job, info = None, job.info
+            info.update(screened=len(job.chosen), survivors=min(info["survivors"], len(job.chosen)))
+            self._commit_stage(job.chosen, info)
+            return True
+        took = False
+        while job.taken < len(job.chunks) and (job.chunks[job.taken].done() or (wait and not took)):
+            self._take_chunk(job, *job.chunks[job.taken].result(), commit=True)
+            took = True
+        if job.taken == len(job.chunks):
+            self._plan_job, self._stream = None, None
+        return took
+
+    def _take_chunk(self, job: StagePlan, ranked: list[dict], n_cands: int, commit: bool):
+        """Chunk ``job.taken``'s share of ``ranked`` (best first), skipping schedules already proposed."""
+        if job.rng is not None:  # the stage's first chunk: commit the stage
+            self.rng, job.rng = job.rng, None
+            if commit:
+                self.stage = job.stage
+                self.taus.append(job.info)
+        want, chosen = job.shares[job.taken][1], []
+        for c in ranked:
+            if len(chosen) == want:
+                break
+            if c["schedule_hash"] not in self.seen:
+                self.seen.add(c["schedule_hash"])
+                chosen.append(c)
+        job.info["candidates"] += n_cands
+        job.info["chosen"] += len(chosen)
+        job.taken += 1
+        if commit:  # what a restore needs to plan the stage's remaining chunks again
+            self.queue.extend(chosen)
+            job.merged += [c["schedule_hash"] for c in chosen]
+            self._stream = {"stage": job.stage, "cutoff": job.cutoff, "seeds": job.seeds, "shares": job.shares,
+                            "taken": job.taken, "merged": job.merged}
+        else:
+            job.chosen += chosen
 
     def _commit_stage(self, chosen: list[dict], info: dict):
         self.stage = info["stage"]
@@ -253,45 +318,51 @@ class S3Searcher(Searcher):
         return True
 
     # ---- planning ahead (plan_ahead > 0) ---------------------------------------------------------
-    # The next stage is planned in a background thread from the results of every trial suggested
+    # The next stage is planned beside the search from the results of every trial suggested
     # before the current phase's (seed phase, then each stage) last ``plan_ahead`` ones, but at
     # least its first one, as soon as those results are in, while the last trials run. Its inputs
     # (which results, the rng, the seen set) do not depend on the order results arrive in, and it
-    # works on copies of the rng and seen set that are committed only when the phase's queue runs
-    # out: a state saved before that replans the same stage when restored.
+    # works on copies of the rng and seen set that its first chunk commits: a state saved before
+    # that replans the same stage when restored (after it, ``_stream`` replans the rest).
     def _maybe_plan_ahead(self):
-        if (self.algo != "s3" or self.cfg.plan_ahead == 0 or self._plan_job is not None or self.rung is not None
-                or self.stage + 1 >= len(self.stage_budgets)):
+        if (self.algo != "s3" or self.cfg.plan_ahead == 0 or self._plan_job is not None or self._stream is not None
+                or self.rung is not None or self.stage + 1 >= len(self.stage_budgets)):
             return  # (a screening rung: the stage's full evaluations are not known yet)
         end = self.n_suggested + len(self.queue)  # the queue holds the rest of the current phase
         if self.spent + sum(p["cost"] for p in self.queue) >= self.cfg.budget - 1e-9:
             return  # no stage follows
         if self.stage >= 0:
-            size = self.taus[-1]["chosen"]
-            cutoff = max(end - self.cfg.plan_ahead, end - size + 1) if size else end  # at least the phase's first result
-        else:  # the first stage trains on at least half of the seed phase
-            cutoff = max(end - self.cfg.plan_ahead, (end + 1) // 2)
+            size, prev = self.taus[-1]["chosen"], self.taus[-1].get("train_below", 0)
+            # at least the phase's first result, or with plan_lag one more than the current stage's
+            cutoff = max(end - self.cfg.plan_ahead, end - size + 1 - self.cfg.plan_lag, prev + 1) if size else end
+        else:  # the first stage trains on at least half of the seed phase (with plan_lag, less)
+            least = max((end + 1) // 2 - self.cfg.plan_lag // 2, min(end, self.cfg.concurrency))
+            cutoff = max(end - self.cfg.plan_ahead, least)
         if self._done_prefix < cutoff:
             return  # an earlier result is still out
-        results = [r for r in self.results if r["index"] < cutoff]
-        rng, seen = copy.deepcopy(self.rng), set(self.seen)
-        job = self.submit_plan(self._plan, self.stage + 1, results, rng, seen)
-        self._plan_job = (job, rng, seen)
+        self._start_plan(self.stage + 1, cutoff)
 
-    def _take_planned_stage(self) -> bool:
-        """Commit the stage planned ahead if it is ready; False while it is still being planned."""
-        self._maybe_plan_ahead()
-        if self._plan_job is None:
-            return False
-        job, rng, seen = self._plan_job
-        if not job.done() and self.pending:
-            return False
-        # (with nothing in flight there is nothing to overlap: wait here, not in Tune's 1-s polling)
-        self._plan_job = None
-        chosen, info = job.result()
-        self.rng, self.seen = rng, seen
-        self._commit_stage(chosen, info)
+    def _next_stage(self):
+        """Queue the S3 stages' next proposals: True when queued, False when not ready yet (ask
+        again later), ``Searcher.FINISHED`` when no stage follows."""
+        while not self.queue:
+            if self._plan_job is None and self._stream is None:  # no stage is being planned
+                if self.stage + 1 >= len(self.stage_budgets):
+                    return Searcher.FINISHED
+                if self.cfg.plan_ahead:
+                    self._maybe_plan_ahead()
+                elif not self.pending:  # a stage starts when every earlier result is in
+                    self._start_plan(self.stage + 1, self.n_suggested)
+                if self._plan_job is None:
+                    return False  # it waits for earlier results
+            # (with nothing in flight there is nothing to overlap: wait here, not in Tune's 1-s polling)
+            if not self._advance_plan(wait=not self.pending):
+                return False
         return True
+
+    def plan_future(self):
+        """The future the stage being planned waits for next (None: no stage is being planned)."""
+        return self._plan_job.next_future() if self._plan_job is not None else None
 
     # ---- the Searcher protocol -------------------------------------------------------------------
     def suggest(self, trial_id: str):
@@ -308,17 +379,9 @@ class S3Searcher(Searcher):
             return None  # a stage's full evaluations start when its screening results are in
         if not self.queue:
             if self.algo == "s3":
-                if self.stage + 1 >= len(self.stage_budgets):
-                    return Searcher.FINISHED
-                if self.cfg.plan_ahead:
-                    if not self._take_planned_stage():
-                        return None  # the next stage is being planned, or waits for earlier results
-                elif self.pending:
-                    return None  # a stage starts when every earlier result is in
-                else:
-                    self._plan_stage()
-                if not self.queue:
-                    return Searcher.FINISHED
+                ready = self._next_stage()
+                if ready is not True:
+                    return None if ready is False else ready
             elif self.algo == "evolution":
                 if not self.results:
                     return None
@@ -370,7 +433,13 @@ class S3Searcher(Searcher):
         self._count_done(proposal["index"])
         if self.tpe is not None and "tpe" in proposal:
             self.tpe.tell(proposal["tpe"]["number"], proposal["tpe"]["params"], value)
+        self._on_result()
+
+    def _on_result(self):
+        """Start the next stage's planning, or its chunks, as soon as it can."""
         self._maybe_plan_ahead()
+        if self._plan_job is not None and self.cfg.plan_ahead:
+            self._advance_plan(wait=False)
 
     def _screen_complete(self, proposal: dict, result: dict | None, error: bool):
         n, worst = len(proposal["screen"]), self.cfg.metric.worst_score
@@ -381,7 +450,7 @@ class S3Searcher(Searcher):
         if self.rung is not None and self.rung["stage"] == proposal["stage"]:
             self.rung["scores"][str(proposal["index"])] = scores
         self._count_done(proposal["index"])
-        self._maybe_plan_ahead()
+        self._on_result()
 
     def _count_done(self, index: int):
         self._done_above.add(index)
@@ -395,7 +464,7 @@ class S3Searcher(Searcher):
                 "rng": self.rng.bit_generator.state, "queue": self.queue, "pending": self.pending,
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
                 "spent": self.spent, "rung": self.rung, "screened": self.screened,
-                "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus,
+                "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus, "stream": self._stream,
                 "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
     def set_state(self, state: dict):
@@ -414,6 +483,7 @@ class S3Searcher(Searcher):
             if r["index"] >= 0:  # (warm results come before the search's first trial)
                 self._count_done(r["index"])
         self.stage, self.stage_budgets, self.taus = state["stage"], state["stage_budgets"], state["taus"]
+        self._stream = state.get("stream")
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
         self._encodings, self._plan_job = {}, None
@@ -422,7 +492,8 @@ class S3Searcher(Searcher):
         self._eval_settings = _eval_settings(self.cfg)
 
     def __getstate__(self):  # Tune pickles the searcher with the Tuner; a running plan stays behind
-        return {**self.__dict__, "_plan_job": None, "_encodings": {}, "submit_plan": _submit_plan}
+        return {**self.__dict__, "_plan_job": None, "_encodings": {}, "submit_plan": _submit_plan,
+                "submit_chunk": _submit_chunk, "map_parallel": _map_parallel}
 
     def save(self, path: str):
         tmp = f"{path}.tmp"
@@ -433,6 +504,87 @@ class S3Searcher(Searcher):
     def restore(self, path: str):
         with open(path) as f:
             self.set_state(json.load(f))
+
+
+class StagePlan:
+    """A stage being planned: its predictor's fit (a future), then one future per chunk, taken in
+    chunk order; ``rng`` and ``seen`` are the searcher's copies the stage's first chunk commits."""
+
+    def __init__(self, stage: int, cutoff: int, seeds: list[int], shares: list[list[int]], rng, seen: set,
+                 taken: int = 0, merged: list[str] | None = None):
+        self.stage, self.cutoff, self.seeds, self.shares = stage, cutoff, seeds, shares
+        self.rng, self.seen, self.taken = rng, seen, taken
+        self.merged = merged or []  # hashes queued by the stage's chunks so far
+        self.fit, self.chunks, self.info = None, None, None
+        self.chosen: list[dict] = []  # a screened stage's proposals, gathered until all chunks are in
+
+    def next_future(self):
+        return self.fit if self.chunks is None else self.chunks[self.taken]
+
+
+def make_proposal(cfg: SearchConfig, s: SolverSchedule, source: str, stage: int, seen: set,
+                  baseline: str | None = None) -> dict | None:
+    """A trial's config for ``s`` (None when its hash is in ``seen``; else added to it)."""
+    h = s.schedule_hash()
+    if h in seen:
+        return None
+    seen.add(h)
+    samples = cfg.metric.samples[min(max(stage, 0), len(cfg.metric.samples) - 1)]
+    config = {"schedule": s.to_json(), "schedule_hash": h, "nfe": s.nfe(), "source": source, "stage": stage,
+              "samples": samples, "seed": cfg.seed, "cost": 1.0}
+    if baseline is not None:
+        config["baseline"] = baseline
+    return config
+
+
+def breeding_pool(results: list[dict]) -> dict[int, list[tuple[SolverSchedule, float]]]:
+    """NFE -> [(schedule, score)] of ``results``, in their order: what ``breed`` draws parents from."""
+    pool = defaultdict(list)
+    for r in results:
+        pool[r["nfe"]].append((SolverSchedule.from_json(r["schedule"]), r["score"]))
+    return dict(pool)
+
+
+def breed(cfg: SearchConfig, noise, pool: dict, n: int, stage: int, source: str, rng: np.random.Generator,
+          seen: set) -> list[dict]:
+    """Up to ``n`` new (not in ``seen``) evolutionary proposals with target NFEs drawn from the
+    range, bred from ``pool`` (``breeding_pool``) with ``rng``."""
+    out, tries, allowed = [], 0, set(cfg.nfe)
+    while len(out) < n and tries < 20 * n + 100:
+        tries += 1
+        target = int(rng.choice(cfg.nfe))
+        s = propose(rng, pool, target, noise, cfg.decisions, cfg.operators, allowed)
+        p = make_proposal(cfg, s, source, stage, seen)
+        if p is not None:
+            out.append(p)
+    return out
+
+
+def plan_chunk(cfg: SearchConfig, noise, predictor: PredictorEnsemble, pool: dict, stage: int, seed: int,
+               seen: set, n_cands: int) -> tuple[list[dict], int]:
+    """One chunk of a stage: ``n_cands`` mutants bred from ``pool`` not in ``seen``, from ``seed``,
+    ranked by the predictor's acquisition within each NFE and interleaved over NFEs (best first).
+    Returns (ranked proposals, candidates made). A pure function of its arguments: it runs in a
+    planning process or thread."""
+    rng, seen = np.random.default_rng(seed), set(seen)
+    cands = breed(cfg, noise, pool, n_cands, stage, "predictor", rng, seen)
+    acq, pred = predictor.acquire([SolverSchedule.from_json(c["schedule"]) for c in cands]) if cands else ([], [])
+    by_nfe = defaultdict(list)
+    for order, (c, a, p) in enumerate(zip(cands, acq, pred)):  # "predicted": the members' mean (proposal_tau)
+        by_nfe[c["nfe"]].append((float(a), order, {**c, "predicted": float(p)}))
+    ranked = {nfe: [c for *_, c in sorted(g, key=lambda e: e[:2])] for nfe, g in by_nfe.items()}
+    return round_robin(ranked, len(cands)), len(cands)
+
+
+def encode_chunk(cfg: SearchConfig, noise, schedules: list[str]) -> list[np.ndarray]:
+    """The predictor's encodings of schedules (JSON), in a planning process or thread."""
+    return list(encode_many([SolverSchedule.from_json(j) for j in schedules], noise, cfg.predictor.max_steps,
+                            cfg.predictor.probes))
+
+
+def _split(n: int, k: int) -> list[int]:
+    """``n`` in ``k`` near-equal parts, larger first."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
 def _eval_settings(cfg: SearchConfig) -> dict:
@@ -507,6 +659,38 @@ def round_robin(by_nfe: dict[int, list[dict]], n: int) -> list[dict]:
 
 def _submit_plan(fn, *args):
     return _executor().submit(fn, *args)
+
+
+def _submit_chunk(fn, cfg: SearchConfig, *args):
+    """A chunk on the planning thread (``plan_workers`` 1) or on the planning processes."""
+    if cfg.plan_workers == 1:
+        return _executor().submit(fn, cfg, *args)
+    return _planning_processes(cfg.plan_workers).submit(fn, cfg, *args)
+
+
+def _map_parallel(fn, cfg: SearchConfig, noise, items: list) -> list:
+    """``fn(cfg, noise, item)`` for each item, on the planning processes (``plan_workers`` > 1)."""
+    if cfg.plan_workers == 1 or len(items) < 2:
+        return [fn(cfg, noise, x) for x in items]
+    return list(_planning_processes(cfg.plan_workers).map(fn, *zip(*[(cfg, noise, x) for x in items])))
+
+
+@cache
+def _planning_processes(n: int):
+    """``n`` planning processes (spawned: the driver runs Ray's threads), one torch thread each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread)
+    atexit.register(pool.shutdown)
+    return pool
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def predictor_quality(state: dict) -> list[dict]:

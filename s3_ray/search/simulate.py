@@ -55,18 +55,40 @@ class _SimClock:
         self.now = 0.0
         self.excluded = 0.0  # planning time run inside a decision call (not the decision's own cost)
         self.planning = 0.0
+        self.credit = 0.0  # of a planning job's measured time, what its parallel parts save
+
+
+def _sim_map(clock: _SimClock, workers: int):
+    """The searcher's ``map_parallel`` on ``workers`` simulated processes: the items run here one
+    after another; the job that called it is charged the longest process's share, not their sum."""
+
+    def run(fn, cfg, noise, items):
+        lanes, out = [0.0] * workers, []
+        for x in items:
+            t0 = time.perf_counter()
+            out.append(fn(cfg, noise, x))
+            i = min(range(workers), key=lanes.__getitem__)
+            lanes[i] += time.perf_counter() - t0
+        clock.credit += sum(lanes) - max(lanes, default=0.0)
+        return out
+
+    return run
 
 
 class _SimFuture:
-    """A planning job: computed at once, ready on the simulated clock after its measured time."""
+    """A planning job: computed at once, ready on the simulated clock after its measured time, on
+    the first of ``lanes`` (the planning processes' next free times) that is free."""
 
-    def __init__(self, clock: _SimClock, fn, args):
-        t0 = time.perf_counter()
+    def __init__(self, clock: _SimClock, fn, args, lanes: list[float] | None = None):
+        t0, clock.credit = time.perf_counter(), 0.0
         self.value = fn(*args)
-        elapsed = time.perf_counter() - t0
-        clock.excluded += elapsed
+        elapsed = time.perf_counter() - t0 - clock.credit
+        clock.excluded += elapsed + clock.credit  # (all of it ran here, outside the decision)
         clock.planning += elapsed
         self.clock, self.ready_at = clock, clock.now + elapsed
+        if lanes is not None:
+            i = min(range(len(lanes)), key=lanes.__getitem__)
+            self.ready_at = lanes[i] = max(clock.now, lanes[i]) + elapsed
 
     def done(self) -> bool:
         return self.clock.now >= self.ready_at
@@ -86,7 +108,10 @@ def simulate(cfg: SearchConfig, workers: int, *, algo: str = "s3", turnaround_s:
     synthetic = cfg.synthetic or SyntheticConfig()
     clock, tl = _SimClock(), Timeline(workers)
     searcher = S3Searcher(cfg, algo=algo)
+    lanes = [0.0] * cfg.plan_workers
     searcher.submit_plan = lambda fn, *args: _SimFuture(clock, fn, args)
+    searcher.submit_chunk = lambda fn, *args: _SimFuture(clock, fn, args, lanes)
+    searcher.map_parallel = _sim_map(clock, cfg.plan_workers)
     target = None
     running: list[tuple[float, int, str, dict, float]] = []  # heap of (slot free at, seq, trial id, config, start)
     waits, free, seq, finished = WaitLog(tl.waits), workers, 0, False
@@ -115,15 +140,14 @@ def simulate(cfg: SearchConfig, workers: int, *, algo: str = "s3", turnaround_s:
             tl.trials.append((clock.now, clock.now + duration))
             tl.proposals.append(config["schedule_hash"])
             seq, free = seq + 1, free - 1
+        job = searcher.plan_future()
         if not running:
-            job = searcher._plan_job
             if finished or job is None:
                 break
-            clock.now = max(clock.now, job[0].ready_at)  # nothing runs: wait for the plan
+            clock.now = max(clock.now, job.ready_at)  # nothing runs: wait for the plan
             continue
-        job = searcher._plan_job
-        if free > 0 and not finished and job is not None and job[0].ready_at < running[0][0]:
-            clock.now = max(clock.now, job[0].ready_at)  # a slot waits for a plan that is now ready
+        if free > 0 and not finished and job is not None and clock.now <= job.ready_at < running[0][0]:
+            clock.now = job.ready_at  # a slot waits for a plan that is now ready
             continue
         if completion_order is not None:
             pick = completion_order([r[2] for r in running])
