@@ -218,7 +218,7 @@ def report(res: dict, tag: str) -> None:
     if res.get("sim"):
         source = "assumed" if res.get("turnaround_given") else "from the real runs"
         lines += [f"## Simulation (turnaround {res['sim_turnaround_s']:.3f} s per trial, {source})", "",
-                  "Stages are planned in chunks of 256 proposals (`plan_chunk`), queued as each is ready; "
+                  "Stages are planned in chunks (`plan_chunk` 256: sizes 32, 64, 128, then 256), queued as each is ready; "
                   "`plan_workers` planning processes make the chunks (the simulation charges each chunk its "
                   "measured time on the first free one: a head with that many spare cores); `plan_lag` lets "
                   "a stage's planning start before the previous stage's last stragglers are in.", "",

@@ -179,7 +179,7 @@ class S3Searcher(Searcher):
 
         The predictor's quality is measured after the search (``predictor_quality``), so that
         planning does only what the proposals need."""
-        n_choose, survivors, _ = self._stage_shape(stage)
+        survivors = self._stage_shape(stage)[1]
         below = max((r["index"] for r in results), default=-1) + 1  # the training set: a subset of the results below
         train = training_subset(sorted(results, key=lambda r: r["index"]), self.cfg.predictor.max_train,
                                 self.cfg.seed + stage)
