@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("S3_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 
 
-def space(workers: int, per_worker: int, plan_workers: int = 1, lag: float = 0.0) -> dict:
+def space(workers: int, per_worker: int, plan_workers: int = 1, lag: float = 0.0, refit: int = 0) -> dict:
     """The benchmark's search: S3 with asynchronous stages (plan_ahead >= a stage: each stage trains
     on every result before the previous one), synthetic 2-s trials with a 2 % tail of 5x stragglers."""
     budget = workers * per_worker
@@ -40,7 +40,7 @@ def space(workers: int, per_worker: int, plan_workers: int = 1, lag: float = 0.0
         "metric": {"kind": "rmse", "samples": [64], "final_samples": 64, "final_seeds": 1},
         "nfe": [4, 5], "budget": budget, "stages": 3, "plan_ahead": budget, "concurrency": workers,
         "resources": {"cpu": round(2 / workers, 6)}, "final_top_k": 1, "seed": 0, "plan_workers": plan_workers,
-        "plan_lag": round(lag * workers),
+        "plan_lag": round(lag * workers), "predictor": {"refit_epochs": refit or None},
         "synthetic": {"median_s": 2.0, "sigma": 0.25, "straggler_prob": 0.02, "straggler_factor": 5.0},
     }
 
@@ -169,13 +169,15 @@ def _p(values, q) -> float:
 
 
 # ---- simulation and latency ------------------------------------------------------------------------
-def sim_run(workers: int, per_worker: int, turnaround_s: float, plan_workers: int = 1, lag: float = 0.0) -> dict:
+def sim_run(workers: int, per_worker: int, turnaround_s: float, plan_workers: int = 1, lag: float = 0.0,
+            refit: int = 0) -> dict:
     from s3_ray.config import parse_config
     from s3_ray.search.simulate import simulate, utilisation
 
     t0 = time.time()
-    tl = simulate(parse_config(space(workers, per_worker, plan_workers, lag)), workers, turnaround_s=turnaround_s)
-    return {"workers": workers, "plan_workers": plan_workers, "plan_lag": round(lag * workers), "trials": len(tl.trials), **utilisation(tl), "sim_span_s": max(e for _, e in tl.trials),
+    tl = simulate(parse_config(space(workers, per_worker, plan_workers, lag, refit)), workers, turnaround_s=turnaround_s)
+    return {"workers": workers, "plan_workers": plan_workers, "plan_lag": round(lag * workers), "refit_epochs": refit,
+            "trials": len(tl.trials), **utilisation(tl), "sim_span_s": max(e for _, e in tl.trials), "best": tl.best,
             "planning_s": tl.planning_s, "decision_p99_ms": _p(tl.decision_s, 99) * 1e3,
             "decision_max_ms": max(tl.decision_s) * 1e3, "real_s": time.time() - t0}
 
@@ -220,19 +222,25 @@ def report(res: dict, tag: str) -> None:
         lines += [f"## Simulation (turnaround {res['sim_turnaround_s']:.3f} s per trial, {source})", "",
                   "Stages are planned in chunks (`plan_chunk` 256: sizes 32, 64, 128, then 256), queued as each is ready; "
                   "`plan_workers` planning processes make the chunks (the simulation charges each chunk its "
-                  "measured time on the first free one: a head with that many spare cores); `plan_lag` lets "
+                  "measured CPU time on the first free one: a head with that many spare cores; the searcher's "
+                  "decisions, too, cost their CPU time); `plan_lag` lets "
                   "a stage's planning start before the previous stage's last stragglers are in.", "",
-                  "| workers | plan workers | plan lag | trials | utilisation | real-Ray utilisation | barrier | planning "
-                  "| turnaround | planning s | decision p99 ms | simulated span s | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "`refit`: `predictor.refit_epochs` (incremental fits from the previous stage's predictor; "
+                  "-: from scratch, 300 epochs). `best RMSE`: the search's best score per NFE (the "
+                  "Gaussian-mixture objective), to see what a setting costs in search quality.", "",
+                  "| workers | plan workers | plan lag | refit | trials | utilisation | real-Ray utilisation | barrier "
+                  "| planning | turnaround | planning s | decision p99 ms | simulated span s | wall s | best RMSE |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         real = {r["workers"]: r["utilisation"] for r in res.get("real", [])}
         for r in res["sim"]:
             i = r["idle_share"]
             rr = f"{real[r['workers']]:.3f}" if r["workers"] in real else "-"
-            lines.append(f"| {r['workers']} | {r.get('plan_workers', 1)} | {r.get('plan_lag', 0)} | {r['trials']} | {r['utilisation']:.3f} | {rr} "
+            best = " / ".join(f"{v:.4f}" for _, v in sorted(r.get("best", {}).items(), key=lambda kv: int(kv[0])))
+            lines.append(f"| {r['workers']} | {r.get('plan_workers', 1)} | {r.get('plan_lag', 0)} | {r.get('refit_epochs') or '-'} "
+                         f"| {r['trials']} | {r['utilisation']:.3f} | {rr} "
                          f"| {i.get('stage barrier', 0):.3f} "
                          f"| {i.get('planning', 0):.3f} | {i.get('turnaround', 0):.3f} | {r['planning_s']:.1f} "
-                         f"| {r['decision_p99_ms']:.2f} | {r['sim_span_s']:.0f} | {r['real_s']:.0f} |")
+                         f"| {r['decision_p99_ms']:.2f} | {r['sim_span_s']:.0f} | {r['real_s']:.0f} | {best or '-'} |")
         lines.append("")
     if res.get("latency"):
         lat = res["latency"]
@@ -252,6 +260,7 @@ def main(argv=None):
     ap.add_argument("--turnaround", type=float, default=None, help="seconds per trial (default: measured)")
     ap.add_argument("--plan-workers", default="1", help="planning processes, one sweep each (e.g. 1,4,8)")
     ap.add_argument("--lag", default="0", help="plan_lag in multiples of the worker count, one sweep each (e.g. 0,1)")
+    ap.add_argument("--refit", default="0", help="predictor.refit_epochs (0: fits from scratch), one sweep each")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     if a.child:
@@ -268,9 +277,10 @@ def main(argv=None):
         statistics.median(measured) if measured else 0.05)
     for pw in ints(a.plan_workers):
         for lag in [float(x) for x in a.lag.split(",") if x]:
-            for w in ints(a.sim):
-                res["sim"].append(sim_run(w, a.per_worker, res["sim_turnaround_s"], pw, lag))
-                print(json.dumps(res["sim"][-1]), flush=True)
+            for refit in ints(a.refit):
+                for w in ints(a.sim):
+                    res["sim"].append(sim_run(w, a.per_worker, res["sim_turnaround_s"], pw, lag, refit))
+                    print(json.dumps(res["sim"][-1]), flush=True)
     if a.latency:
         res["latency"] = latency(a.latency)
     report(res, a.tag)

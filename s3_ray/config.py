@@ -224,6 +224,10 @@ class MetricConfig(_Cfg):
 class PredictorConfig(_Cfg):
     hidden: tuple[int, ...] = (64, 64)
     epochs: int = Field(default=300, ge=1)
+    refit_epochs: int | None = Field(default=None, ge=1, description=(
+        "incremental fits: each stage after the first starts from the previous stage's predictor (its "
+        "weights and input scaling) and trains this many epochs on its own training set, instead of "
+        "`epochs` from scratch (None: every stage from scratch)"))
     lr: float = Field(default=3e-3, gt=0)
     candidates: int = Field(default=400, ge=1, description="evolutionary mutants scored by the predictor per stage")
     max_steps: int = Field(default=16, ge=1, description="encoding pads schedules to this many steps")

@@ -5,6 +5,7 @@ function of the seed and of which results exist, not of completion order, chunk 
 from concurrent.futures import Future
 
 import pytest
+import torch
 
 from s3_ray.config import parse_config
 from s3_ray.metrics.evaluate import evaluate, get_target
@@ -17,6 +18,7 @@ from .test_simulate import CFG as SIM_CFG
 from .test_simulate import drive_in_order
 
 CHUNKED = {**CFG, "plan_chunk": 7}  # stages of ~25 proposals: chunks of 1, 2, 4, 7, 7, 4
+REFIT = {**CHUNKED, "stages": 3, "predictor": {**CFG["predictor"], "refit_epochs": 20}}  # incremental fits
 
 
 @pytest.mark.parametrize("plan_ahead", [0, 5, 100])
@@ -88,9 +90,9 @@ def test_a_stage_starts_on_its_first_chunk_while_the_rest_is_planned():
     assert proposed == [c["schedule_hash"] for c in got + rest]
 
 
-@pytest.mark.parametrize("plan_ahead", [0, 5])
-def test_restored_in_the_middle_of_a_streamed_stage_continues_the_same_search(tmp_path, plan_ahead):
-    cfg = parse_config({**CHUNKED, "plan_ahead": plan_ahead})
+@pytest.mark.parametrize("plan_ahead,base", [(0, CHUNKED), (5, CHUNKED), (5, REFIT)], ids=["0", "5", "5-refit"])
+def test_restored_in_the_middle_of_a_streamed_stage_continues_the_same_search(tmp_path, plan_ahead, base):
+    cfg = parse_config({**base, "plan_ahead": plan_ahead})
     whole = S3Searcher(cfg)
     run_concurrent(whole, workers=3, order_seed=1)
     a = S3Searcher(cfg)
@@ -145,3 +147,34 @@ def test_plan_lag_lets_a_stage_train_on_less_than_the_previous_stage_and_stays_o
         cut.append(max(start[k - 1] + 1 - lag, cut[-1] + 1))
     assert [t["train_below"] for t in taus] == cut
     assert [t["n_train"] for t in taus] == cut  # below every cap: all of them
+
+
+def test_incremental_fits_start_from_the_previous_stage_and_stay_order_independent(tmp_path):
+    """predictor.refit_epochs: stage k's predictor is an update of stage k-1's (another search than
+    fits from scratch from the second stage on), the same whatever the completion order, and a
+    state saved after a stage was planned carries the predictor the next stage starts from."""
+    cfg = parse_config({**REFIT, "plan_ahead": 5})
+    runs = []
+    for order_seed in (1, 2):
+        s = S3Searcher(cfg)
+        run_concurrent(s, workers=3, order_seed=order_seed)
+        runs.append((_trace(s), s.taus))
+    assert runs[0] == runs[1]
+    assert sorted(s._fitted) == [1, 2]
+    scratch = S3Searcher(parse_config({**CHUNKED, "stages": 3, "plan_ahead": 5}))
+    run_concurrent(scratch, workers=3, order_seed=1)
+    stage = lambda trace, k: [h for _, h, st in trace if st == k]
+    assert stage(runs[0][0], 0) == stage(_trace(scratch), 0)  # the first stage fits from scratch in both
+    assert stage(runs[0][0], 1) != stage(_trace(scratch), 1)
+    a = S3Searcher(cfg)
+    _, inflight = run_concurrent(a, workers=3, order_seed=3, stop_when=lambda s: s.stage == 1 and s._stream is None)
+    a.save(str(tmp_path / "s.json"))
+    b = S3Searcher(cfg)
+    b.restore(str(tmp_path / "s.json"))
+    assert sorted(b._fitted) == sorted(a._fitted) and 1 in b._fitted
+    assert all(torch.equal(p, q) for p, q in zip(b._fitted[1].members[0].params, a._fitted[1].members[0].params))
+    target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
+    for tid, c in inflight.items():
+        b.on_trial_complete(tid, evaluate(SolverSchedule.from_json(c["schedule"]), target, n=c["samples"], seed=c["seed"]))
+    run_concurrent(b, workers=3, order_seed=5)
+    assert (_trace(b), b.taus) == runs[0]

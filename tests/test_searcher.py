@@ -315,9 +315,9 @@ def test_predictor_quality_measures_each_stage_on_its_own_capped_training_set(mo
     planned = []
     fit = predictor_module.PredictorEnsemble.fit
 
-    def recording_fit(self, schedules, scores):
+    def recording_fit(self, schedules, scores, *rest):
         planned.append({s.schedule_hash() for s in schedules})
-        return fit(self, schedules, scores)
+        return fit(self, schedules, scores, *rest)
 
     monkeypatch.setattr(predictor_module.PredictorEnsemble, "fit", recording_fit)
     s = S3Searcher(cfg, algo="s3")

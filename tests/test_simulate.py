@@ -48,9 +48,11 @@ def drive_in_order(searcher: S3Searcher, workers: int) -> list[str]:
 def test_simulation_proposes_what_the_searcher_proposes_in_a_plain_driver(algo, plan_ahead):
     cfg = parse_config({**CFG, "plan_ahead": plan_ahead})
     tl = simulate(cfg, workers=4, algo=algo, completion_order=min)  # oldest trial id first
-    plain = drive_in_order(S3Searcher(cfg, algo=algo), workers=4)
+    driven = S3Searcher(cfg, algo=algo)
+    plain = drive_in_order(driven, workers=4)
     assert len(tl.proposals) == cfg.budget
     assert tl.proposals == plain
+    assert tl.best == {nfe: min(r["score"] for r in driven.results if r["nfe"] == nfe) for nfe in cfg.nfe}
 
 
 def test_asynchronous_stages_do_not_depend_on_completion_order():

@@ -460,18 +460,26 @@ class Predictor:
         return np.stack([self.encoding_cache[k] for k in keys])
 
     # ---- training ---------------------------------------------------------------------------
-    def fit(self, schedules: Sequence[SolverSchedule], scores) -> Predictor:
-        """Train from scratch on (schedule, score) pairs; lower score = better. Deterministic."""
+    def fit(self, schedules: Sequence[SolverSchedule], scores, start_from: Predictor | None = None) -> Predictor:
+        """Train on (schedule, score) pairs; lower score = better. Deterministic. From scratch
+        (``cfg.epochs``), or with ``start_from`` an incremental update: from that predictor's weights
+        and input scaling, ``cfg.refit_epochs`` epochs (``cfg.epochs`` when unset)."""
         schedules = list(schedules)
         scores = np.asarray(scores, dtype=np.float64)
         if len(schedules) != scores.shape[0]:
             raise ValueError(f"{len(schedules)} schedules but {scores.shape[0]} scores")
         x = self._encode(schedules)
-        self._standardise_from(x)
+        if start_from is None:
+            self._standardise_from(x)
+            self.params, epochs = self._init_params(), self.cfg.epochs
+        else:
+            if [tuple(t.shape) for t in start_from.params] != [tuple(t.shape) for t in self._init_params()]:
+                raise ValueError("start_from: a predictor with another network shape")
+            self.mean, self.std = start_from.mean.copy(), start_from.std.copy()
+            self.params, epochs = [p.clone() for p in start_from.params], self.cfg.refit_epochs or self.cfg.epochs
         rng = np.random.default_rng(self.seed)
         nfes = np.array([s.nfe() for s in schedules], dtype=np.int64)
         bi, wi = ranking_pairs(nfes, scores, self.max_pairs, rng)
-        self.params = self._init_params()
         self.n_train, self.n_pairs, self.fitted = len(schedules), int(bi.size), True
         self.final_loss = float("nan")
         if bi.size == 0:
@@ -484,7 +492,7 @@ class Predictor:
         pw = pw / pw.mean()
         params = [p.clone().requires_grad_(True) for p in self.params]
         adam = _Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        for _ in range(self.cfg.epochs):
+        for _ in range(epochs):
             f = self._forward(inputs, params)
             # want f[better] < f[worse]: logistic loss on the margin
             lp = torch.nn.functional.softplus(f[bt] - f[wt])
@@ -559,15 +567,34 @@ class PredictorEnsemble:
     def __getstate__(self):
         return {**self.__dict__, "encoding_cache": None}
 
-    def fit(self, schedules: Sequence[SolverSchedule], scores) -> PredictorEnsemble:
+    def fit(self, schedules: Sequence[SolverSchedule], scores,
+            start_from: PredictorEnsemble | None = None) -> PredictorEnsemble:
+        """Train every member; with ``start_from`` (an ensemble of the same size) member i is an
+        incremental update of its member i (``Predictor.fit``)."""
         schedules, scores = list(schedules), np.asarray(scores, dtype=np.float64)
+        if start_from is not None and len(start_from.members) != self.cfg.ensemble:
+            raise ValueError(f"start_from has {len(start_from.members)} members, this ensemble {self.cfg.ensemble}")
         rng = np.random.default_rng(self.seed)
         self.members = []
         for i in range(self.cfg.ensemble):
             idx = np.arange(len(schedules)) if self.cfg.ensemble == 1 else np.sort(rng.integers(0, len(schedules), len(schedules)))
             member = Predictor(self.cfg, self.noise, seed=self.seed + 1000 * i, encoding_cache=self.encoding_cache)
-            self.members.append(member.fit([schedules[j] for j in idx], scores[idx]))
+            self.members.append(member.fit([schedules[j] for j in idx], scores[idx],
+                                           start_from.members[i] if start_from is not None else None))
         return self
+
+    def state_dict(self) -> dict:
+        """JSON-safe: the seed and every member's ``Predictor.state_dict``."""
+        return {"seed": self.seed, "members": [m.state_dict() for m in self.members]}
+
+    @classmethod
+    def from_state(cls, state: dict, cfg: PredictorConfig, noise: NoiseSchedule,
+                   encoding_cache: dict | None = None) -> PredictorEnsemble:
+        e = cls(cfg, noise, seed=state["seed"], encoding_cache=encoding_cache)
+        e.members = [Predictor.from_state(m, noise) for m in state["members"]]
+        for m in e.members:
+            m.encoding_cache = encoding_cache
+        return e
 
     def predict_members(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
         """[members, candidates]: each member's predictions, standardised within each NFE (one member:

@@ -82,6 +82,7 @@ class S3Searcher(Searcher):
         self._encodings: dict = {}  # schedule hash -> predictor input, so each schedule is encoded once
         self._plan_job: StagePlan | None = None  # the stage being planned (not saved: _stream replans it)
         self._stream: dict | None = None  # a streamed stage's remaining chunks, for a restore
+        self._fitted: dict[int, PredictorEnsemble] = {}  # the last two stages' predictors (predictor.refit_epochs)
         self.submit_plan = _submit_plan  # fits a stage's predictor beside the search (a simulation's clock)
         self.submit_chunk = _submit_chunk  # makes a chunk's proposals (plan_workers processes)
         self.map_parallel = _map_parallel  # a fit's encodings on the planning processes
@@ -172,10 +173,12 @@ class S3Searcher(Searcher):
         bounds = [round(n_cands * x / max(n_choose, 1)) for x in np.cumsum([0, *sizes])]
         return n_choose, survivors, [[max(b - a, m + m // 32 + 2), m] for a, b, m in zip(bounds, bounds[1:], sizes)]
 
-    def _fit_stage(self, stage: int, results: list[dict]) -> tuple[PredictorEnsemble, dict, dict]:
+    def _fit_stage(self, stage: int, results: list[dict], start_from: PredictorEnsemble | None = None,
+                   ) -> tuple[PredictorEnsemble, dict, dict]:
         """Stage ``stage``'s predictor, trained on (a capped subset of) ``results`` in suggestion
-        order, the schedules' encodings not yet cached made on the planning processes first;
-        returns it, the breeding pool (the training set) and the stage's bookkeeping.
+        order (from ``start_from``: an incremental update), the schedules' encodings not yet cached
+        made on the planning processes first; returns it, the breeding pool (the training set) and
+        the stage's bookkeeping.
 
         The predictor's quality is measured after the search (``predictor_quality``), so that
         planning does only what the proposals need."""
@@ -191,7 +194,7 @@ class S3Searcher(Searcher):
             self._encodings.update(zip([h for h, _ in part], x))
         predictor = PredictorEnsemble(self.cfg.predictor, self.noise, seed=self.cfg.seed + stage,
                                       encoding_cache=self._encodings)
-        predictor.fit([SolverSchedule.from_json(r["schedule"]) for r in train], [r["score"] for r in train])
+        predictor.fit([SolverSchedule.from_json(r["schedule"]) for r in train], [r["score"] for r in train], start_from)
         info = {"stage": stage, "n_train": len(train), "train_below": below, "candidates": 0, "chosen": 0}
         if survivors:  # "chosen" becomes the stage's full evaluations when they are known
             info.update(screened=0, survivors=survivors)
@@ -204,10 +207,15 @@ class S3Searcher(Searcher):
         shares = self._stage_shape(stage)[2]
         seeds = [int(x) for x in rng.integers(0, 2**63 - 1, size=len(shares))]
         self._plan_job = StagePlan(stage, cutoff, seeds, shares, rng, set(self.seen), taken=0)
-        self._plan_job.fit = self.submit_plan(self._fit_stage, stage, self._results_below(cutoff))
+        self._plan_job.fit = self.submit_plan(self._fit_stage, stage, self._results_below(cutoff), self._start_from(stage))
 
     def _results_below(self, cutoff: int) -> list[dict]:
         return [r for r in self.results if r["index"] < cutoff]
+
+    def _start_from(self, stage: int) -> PredictorEnsemble | None:
+        """What stage ``stage``'s fit starts from: the previous stage's predictor with
+        ``predictor.refit_epochs``, else nothing (from scratch)."""
+        return self._fitted.get(stage - 1) if self.cfg.predictor.refit_epochs else None
 
     def _resume_stream(self):
         """After a restore in the middle of a streamed stage: plan its remaining chunks again (the
@@ -216,7 +224,8 @@ class S3Searcher(Searcher):
         seen = self.seen - set(st["merged"])
         self._plan_job = StagePlan(st["stage"], st["cutoff"], st["seeds"], st["shares"], None,
                                    seen, taken=st["taken"], merged=list(st["merged"]))
-        self._plan_job.fit = self.submit_plan(self._fit_stage, st["stage"], self._results_below(st["cutoff"]))
+        self._plan_job.fit = self.submit_plan(self._fit_stage, st["stage"], self._results_below(st["cutoff"]),
+                                              self._start_from(st["stage"]))
 
     def _advance_plan(self, wait: bool) -> bool:
         """Move the stage being planned on: start its chunks once its predictor is fit, queue its
@@ -231,6 +240,8 @@ class S3Searcher(Searcher):
             if not (wait or job.fit.done()):
                 return False
             predictor, pool, info = job.fit.result()
+            if self.cfg.predictor.refit_epochs:  # the next stage's fit starts from it
+                self._fitted = {k: p for k, p in self._fitted.items() if k == job.stage - 1} | {job.stage: predictor}
             job.info = self.taus[-1] if self._stream is not None else info
             job.chunks = [None if j < job.taken else
                           self.submit_chunk(plan_chunk, self.cfg, self.noise, predictor, pool, job.stage, seed, job.seen,
@@ -465,6 +476,7 @@ class S3Searcher(Searcher):
                 "results": self.results, "seen": sorted(self.seen), "n_suggested": self.n_suggested,
                 "spent": self.spent, "rung": self.rung, "screened": self.screened,
                 "stage": self.stage, "stage_budgets": self.stage_budgets, "taus": self.taus, "stream": self._stream,
+                "fitted": {str(k): p.state_dict() for k, p in self._fitted.items()},
                 "trial_settings": self.trial_settings, "tpe": self.tpe.get_state() if self.tpe else None}
 
     def set_state(self, state: dict):
@@ -487,6 +499,8 @@ class S3Searcher(Searcher):
         self.trial_settings = state.get("trial_settings", {})
         self.tpe = TPEProposer(self.cfg, self.noise) if self.algo == "optuna-tpe" else None
         self._encodings, self._plan_job = {}, None
+        self._fitted = {int(k): PredictorEnsemble.from_state(p, self.cfg.predictor, self.noise, self._encodings)
+                        for k, p in state.get("fitted", {}).items()}
         if self.tpe is not None:
             self.tpe.set_state(state["tpe"])
         self._eval_settings = _eval_settings(self.cfg)

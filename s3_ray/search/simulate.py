@@ -2,8 +2,9 @@
 simulated clock, with ``workers`` trial slots and no Ray, so that 1024 workers can be studied on a
 laptop. Trials last their synthetic durations (``synthetic.trial_duration``: the same as in a real
 run of the same search) and score their schedule on the ``gmm`` model for real; the searcher's own
-calls and its stage planning cost their measured wall time on the simulated clock (planning ahead
-runs beside the search, like the real planning thread). A trial's slot is free again
+calls and its stage planning cost their measured CPU time on the simulated clock (what they cost on a
+core of their own, whatever else runs on this machine; planning ahead runs beside the search, like
+the real planning thread). A trial's slot is free again
 ``turnaround_s`` after the trial ends (Tune's turnaround, measured in a real run).
 
 ``utilisation`` reads a timeline (trial intervals + the searcher's waits) the same way for a
@@ -21,18 +22,21 @@ from s3_ray.config import SearchConfig, SyntheticConfig
 from s3_ray.search.searcher import S3Searcher
 from s3_ray.search.synthetic import trial_duration
 
+_cpu = time.thread_time  # the simulated cost of the searcher's own work: this thread's CPU seconds
+
 
 @dataclass
 class Timeline:
     """What happened: busy intervals per trial (start, end), the searcher's waits (start, end, why:
     'results' = a stage waits for earlier results, 'planning' = for its planning), and the
-    wall time of each searcher decision (suggest / on_trial_complete, planning excluded)."""
+    CPU time of each searcher decision (suggest / on_trial_complete, planning excluded)."""
 
     workers: int
     trials: list[tuple[float, float]] = field(default_factory=list)
     waits: list[tuple[float, float, str]] = field(default_factory=list)
     decision_s: list[float] = field(default_factory=list)
     proposals: list[str] = field(default_factory=list)  # schedule hashes in suggestion order
+    best: dict[int, float] = field(default_factory=dict)  # NFE -> the best score found
     planning_s: float = 0.0
 
 
@@ -65,10 +69,10 @@ def _sim_map(clock: _SimClock, workers: int):
     def run(fn, cfg, noise, items):
         lanes, out = [0.0] * workers, []
         for x in items:
-            t0 = time.perf_counter()
+            t0 = _cpu()
             out.append(fn(cfg, noise, x))
             i = min(range(workers), key=lanes.__getitem__)
-            lanes[i] += time.perf_counter() - t0
+            lanes[i] += _cpu() - t0
         clock.credit += sum(lanes) - max(lanes, default=0.0)
         return out
 
@@ -80,9 +84,9 @@ class _SimFuture:
     the first of ``lanes`` (the planning processes' next free times) that is free."""
 
     def __init__(self, clock: _SimClock, fn, args, lanes: list[float] | None = None):
-        t0, clock.credit = time.perf_counter(), 0.0
+        t0, clock.credit = _cpu(), 0.0
         self.value = fn(*args)
-        elapsed = time.perf_counter() - t0 - clock.credit
+        elapsed = _cpu() - t0 - clock.credit
         clock.excluded += elapsed + clock.credit  # (all of it ran here, outside the decision)
         clock.planning += elapsed
         self.clock, self.ready_at = clock, clock.now + elapsed
@@ -118,9 +122,9 @@ def simulate(cfg: SearchConfig, workers: int, *, algo: str = "s3", turnaround_s:
 
     def call(fn, *args):
         clock.excluded = 0.0
-        t0 = time.perf_counter()
+        t0 = _cpu()
         out = fn(*args)
-        own = time.perf_counter() - t0 - clock.excluded
+        own = _cpu() - t0 - clock.excluded
         tl.decision_s.append(own)
         clock.now += own  # the driver's loop is busy meanwhile
         return out
@@ -166,6 +170,8 @@ def simulate(cfg: SearchConfig, workers: int, *, algo: str = "s3", turnaround_s:
         free += 1
     waits.saw(clock.now, None)
     tl.planning_s = clock.planning
+    for r in (r for r in searcher.results if not r["failed"]):
+        tl.best[r["nfe"]] = min(tl.best.get(r["nfe"], float("inf")), r["score"])
     return tl
 
 
