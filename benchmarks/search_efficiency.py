@@ -103,6 +103,10 @@ def main(argv=None):
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--reuse", type=Path, default=None, help=(
+        "an earlier result JSON of the same protocol (space, NFE, seeds, samples): the algorithms not in "
+        "--algos are taken from it (searches are deterministic given their seeds, so this re-runs nothing "
+        "whose code did not change)"))
     a = ap.parse_args(argv)
     budgets = [int(b) for b in a.budgets.split(",")]
     algos = a.algos.split(",")
@@ -126,6 +130,14 @@ def main(argv=None):
                                                   for *_, s in base]))
     rows = [{"algo": r["algo"], "seed": r["seed"], "budget": b, "search_best": r["trace"][min(b, len(r["trace"])) - 1][0],
              "fresh": f, "seconds": r["seconds"]} for (r, b), f in zip(picked, fresh)]
+    reused = _reused(a, algos, fresh_seeds) if a.reuse else []
+    for row in reused:
+        if row["algo"] not in algos:
+            algos.append(row["algo"])
+            own[row["algo"]] = []
+        if row["budget"] not in own[row["algo"]]:
+            own[row["algo"]].append(row["budget"])
+    rows += reused
     ib = int(np.argmin(base_scores))
     best_baseline = {"name": base[ib][1], "fresh": base_scores[ib]}
     summary = {}
@@ -145,7 +157,7 @@ def main(argv=None):
         checks["ratio s3 / best baseline"] = s3_best / best_baseline["fresh"]
     out = {"benchmark": "search_efficiency", "nfe": a.nfe, "budgets": budgets, "seeds": a.seeds, "samples": a.samples,
            "final_samples": a.final_samples, "fresh_seeds": fresh_seeds, "best_baseline": best_baseline,
-           "space": a.space, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
+           "space": a.space, "reused_from": str(a.reuse) if a.reuse else None, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
            "seconds": time.time() - start}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"search_efficiency{a.tag}"
@@ -158,6 +170,9 @@ def main(argv=None):
     for algo in algos:
         md.append(f"| {algo} | " + " | ".join(f"{summary[f'{algo}/{b}']['mean']:.4f} ± {summary[f'{algo}/{b}']['std']:.4f}"
                                             if f"{algo}/{b}" in summary else "-" for b in budgets) + " |")
+    if reused:
+        md += ["", f"Rows {', '.join(sorted({r['algo'] for r in reused}))}: reused from `{a.reuse.name}` (the same "
+               "seeds and protocol; their code is unchanged since), not re-run."]
     md += ["", "Checks: " + ", ".join(f"{k}: {v if isinstance(v, bool) else round(v, 3)}" for k, v in checks.items())]
     for k, p in paired.items():
         md.append(f"Paired over search seeds, {k}: mean difference {p['mean_diff']:+.4f} (S3 minus other), S3 lower "
@@ -179,6 +194,17 @@ def main(argv=None):
     if missed:  # make bench fails
         print(f"search_efficiency.py: target(s) missed: {', '.join(missed)}", file=sys.stderr)
     return 1 if missed else 0
+
+
+def _reused(a, algos: list[str], fresh_seeds: list[int]) -> list[dict]:
+    """The rows of ``a.reuse`` for algorithms not run now; refused unless the protocol is the same."""
+    old = json.loads(a.reuse.read_text())
+    want = {"space": a.space, "nfe": a.nfe, "seeds": a.seeds, "samples": a.samples, "final_samples": a.final_samples,
+            "fresh_seeds": fresh_seeds}
+    diff = {k: (old.get(k), v) for k, v in want.items() if old.get(k) != v}
+    if diff:
+        raise SystemExit(f"--reuse {a.reuse}: another protocol ({diff}: theirs, ours)")
+    return [r for r in old["rows"] if r["algo"] not in algos]
 
 
 def _mean(xs) -> float:

@@ -222,6 +222,9 @@ class MetricConfig(_Cfg):
 
 
 class PredictorConfig(_Cfg):
+    model: Literal["net", "forest"] = Field(default="net", description=(
+        "'net': the deep-sets network trained on pairwise rankings; 'forest': a random forest regressing "
+        "the log score on the same encodings (its trees' spread is the uncertainty for 'ucb')"))
     hidden: tuple[int, ...] = (64, 64)
     epochs: int = Field(default=300, ge=1)
     refit_epochs: int | None = Field(default=None, ge=1, description=(
@@ -243,11 +246,19 @@ class PredictorConfig(_Cfg):
         "how candidates are ranked: 'mean' of the members' standardised predictions, or 'ucb': mean - kappa x "
         "their spread (optimistic, for a minimised score; needs ensemble >= 2)"))
     kappa: float = Field(default=1.0, ge=0, description="weight of the members' spread under acquisition 'ucb'")
+    trees: int = Field(default=300, ge=2, le=5000, description="trees of model 'forest'")
+    min_leaf: int = Field(default=2, ge=1, description="fewest training schedules in a leaf of model 'forest'")
 
     @model_validator(mode="after")
     def _acquisition(self):
-        if self.acquisition == "ucb" and self.ensemble < 2:
-            raise ValueError("acquisition: 'ucb' needs the members' spread: set predictor.ensemble >= 2")
+        if self.model == "forest":
+            if self.ensemble != 1:
+                raise ValueError("ensemble: model 'forest' is an ensemble of its trees already: leave ensemble at 1")
+            if self.refit_epochs is not None:
+                raise ValueError("refit_epochs: incremental fits are for model 'net' (a forest refits in ~1 s)")
+        elif self.acquisition == "ucb" and self.ensemble < 2:
+            raise ValueError("acquisition: 'ucb' needs the members' spread: set predictor.ensemble >= 2 "
+                             "(or predictor.model: forest)")
         return self
 
 

@@ -308,3 +308,56 @@ def test_an_ensemble_round_trips_through_json_and_refits_member_by_member(evalua
     assert all(np.array_equal(m.mean, n.mean) for m, n in zip(a.members, ens.members))
     with pytest.raises(ValueError, match="members"):
         P.PredictorEnsemble(cfg.model_copy(update={"ensemble": 3}), noise).fit(pool[:10], scores[:10], start_from=ens)
+
+
+# ---- model 'forest' -------------------------------------------------------------------------
+
+
+def test_forest_ranks_held_out_schedules_deterministically(evaluated):
+    """predictor.model 'forest' passes the spec's acceptance test (held-out per-NFE tau > 0.5),
+    is a function of its seed, and predicts the mean of its trees."""
+    noise, pool, scores = evaluated
+    cfg = PredictorConfig(model="forest", trees=100)
+    tau = heldout_tau(pool, scores, cfg, noise, seed=0)
+    print(f"forest held-out per-NFE Kendall tau = {tau:.3f}")
+    assert tau > 0.5
+    a = P.ForestPredictor(cfg, noise, seed=3).fit(pool, scores)
+    b = P.ForestPredictor(cfg, noise, seed=3).fit(pool, scores)
+    c = P.ForestPredictor(cfg, noise, seed=4).fit(pool, scores)
+    assert np.array_equal(a.predict(pool), b.predict(pool)) and not np.array_equal(a.predict(pool), c.predict(pool))
+    trees = a.predict_trees(pool)
+    assert trees.shape == (100, len(pool)) and np.allclose(a.predict(pool), trees.mean(0), rtol=0, atol=1e-12)
+
+
+def test_forest_target_is_a_monotone_log_score_with_failures_worst():
+    s = np.array([0.5, 0.1, np.nan, 2.0, np.inf])
+    y = P.ForestPredictor.target(s)
+    assert np.allclose(y[[0, 1, 3]], np.log([0.5, 0.1, 2.0]))
+    assert y[2] > y[3] and y[4] > y[3] and np.isfinite(y).all()
+    kid = np.array([-0.002, 0.0, 0.004])  # KID can be negative: shifted, order kept
+    yk = P.ForestPredictor.target(kid)
+    assert np.isfinite(yk).all() and list(np.argsort(yk)) == [0, 1, 2]
+
+
+def test_forest_ucb_uses_its_trees_spread(evaluated):
+    """'ucb' with a forest: mean - kappa x the trees' spread; the trees disagree more on held-out
+    schedules than on their training set."""
+    noise, pool, scores = evaluated
+    nfes = np.array([s.nfe() for s in pool])
+    tr, te = P.heldout_split(nfes, 0.25, seed=0)
+    cfg = PredictorConfig(model="forest", trees=60, acquisition="ucb", kappa=0.7)
+    train, test = [pool[i] for i in tr], [pool[i] for i in te]
+    ens = P.PredictorEnsemble(cfg, noise, seed=2).fit(train, scores[tr])
+    acq, mean = ens.acquire(test)
+    trees = ens.members[0].predict_trees(test)
+    assert np.allclose(mean, trees.mean(0), atol=1e-12) and np.allclose(acq, mean - 0.7 * trees.std(0), atol=1e-12)
+    assert trees.std(0).mean() > ens.members[0].predict_trees(train).std(0).mean()
+
+
+@pytest.mark.parametrize("bad, field", [({"ensemble": 2}, "ensemble"), ({"refit_epochs": 10}, "refit_epochs"),
+                                        ({"trees": 1}, "trees")])
+def test_forest_settings_that_do_not_apply_are_refused(bad, field):
+    with pytest.raises(ValueError, match=field):
+        PredictorConfig(model="forest", **bad)
+    with pytest.raises(ValueError, match="start_from"):
+        P.ForestPredictor(PredictorConfig(model="forest"), VPLinear()).fit([], [], start_from=object())

@@ -554,6 +554,70 @@ class Predictor:
         return p
 
 
+class ForestPredictor:
+    """``predictor.model: forest``: a random forest (scikit-learn) regressing the log score on the
+    schedules' encodings. Unlike the network it needs no input scaling and no pairs, and its trees
+    vote independently, which ranks a stage's proposals better on our targets (measured on stored
+    searches: benchmarks/results/predictor_models.md). ``predict_trees`` is the spread for 'ucb'."""
+
+    def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None,
+                 encoding_cache: dict | None = None):
+        self.cfg, self.noise, self.seed, self.encoding_cache = cfg, noise, int(seed), encoding_cache
+        self.probes = cfg.probes if probes is None else bool(probes)
+        self.forest = None
+        self.fitted, self.n_train, self.n_pairs, self.final_loss = False, 0, 0, float("nan")
+
+    __getstate__ = Predictor.__getstate__
+    _encode = Predictor._encode
+
+    @staticmethod
+    def target(scores) -> np.ndarray:
+        """What the trees regress: log score (a failed schedule is worse than every finite one);
+        scores that are not all positive (KID) are shifted to start at a small positive value."""
+        s = clean_scores(scores)
+        if s.size and s.min() <= 0:
+            spread = float(s.max() - s.min())
+            s = s - s.min() + (1e-3 * spread if spread > 0 else 1.0)
+        return np.log(s)
+
+    def fit(self, schedules: Sequence[SolverSchedule], scores, start_from=None) -> ForestPredictor:
+        """Train on (schedule, score) pairs; lower score = better. Deterministic (seeded, one thread)."""
+        from sklearn.ensemble import RandomForestRegressor
+
+        if start_from is not None:
+            raise ValueError("start_from: incremental fits are for model 'net'")
+        schedules, scores = list(schedules), np.asarray(scores, dtype=np.float64)
+        if len(schedules) != scores.shape[0]:
+            raise ValueError(f"{len(schedules)} schedules but {scores.shape[0]} scores")
+        self.n_train, self.fitted = len(schedules), True
+        if not schedules:
+            return self
+        self.forest = RandomForestRegressor(self.cfg.trees, min_samples_leaf=self.cfg.min_leaf,
+                                            random_state=self.seed % 2**32, n_jobs=1)
+        self.forest.fit(self._encode(schedules), self.target(scores))
+        return self
+
+    def predict(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
+        """Predicted log scores (float64, lower = better)."""
+        return self.predict_trees(schedules).mean(0)
+
+    def predict_trees(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
+        """[trees, schedules]: every tree's prediction (an unfitted forest predicts 0)."""
+        schedules = list(schedules)
+        if self.forest is None or not schedules:
+            return np.zeros((max(self.cfg.trees, 1) if self.forest is None else len(self.forest.estimators_),
+                             len(schedules)))
+        x = self._encode(schedules).astype(np.float32)
+        return np.stack([t.predict(x) for t in self.forest.estimators_]).astype(np.float64)
+
+
+def make_predictor(cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None,
+                   encoding_cache: dict | None = None) -> Predictor | ForestPredictor:
+    """The predictor ``cfg.model`` names."""
+    kind = ForestPredictor if cfg.model == "forest" else Predictor
+    return kind(cfg, noise, seed, probes=probes, encoding_cache=encoding_cache)
+
+
 class PredictorEnsemble:
     """``cfg.ensemble`` predictors: member i is trained from seed ``seed + 1000 i`` on a seeded
     bootstrap resample of the training schedules (one member: all of them, exactly ``Predictor``).
@@ -578,13 +642,13 @@ class PredictorEnsemble:
         self.members = []
         for i in range(self.cfg.ensemble):
             idx = np.arange(len(schedules)) if self.cfg.ensemble == 1 else np.sort(rng.integers(0, len(schedules), len(schedules)))
-            member = Predictor(self.cfg, self.noise, seed=self.seed + 1000 * i, encoding_cache=self.encoding_cache)
+            member = make_predictor(self.cfg, self.noise, seed=self.seed + 1000 * i, encoding_cache=self.encoding_cache)
             self.members.append(member.fit([schedules[j] for j in idx], scores[idx],
                                            start_from.members[i] if start_from is not None else None))
         return self
 
     def state_dict(self) -> dict:
-        """JSON-safe: the seed and every member's ``Predictor.state_dict``."""
+        """JSON-safe: the seed and every member's ``Predictor.state_dict`` (model 'net' only)."""
         return {"seed": self.seed, "members": [m.state_dict() for m in self.members]}
 
     @classmethod
@@ -598,7 +662,9 @@ class PredictorEnsemble:
 
     def predict_members(self, schedules: Sequence[SolverSchedule]) -> np.ndarray:
         """[members, candidates]: each member's predictions, standardised within each NFE (one member:
-        its raw predictions)."""
+        its raw predictions; a forest: its trees' raw predictions, which share one unit)."""
+        if self.cfg.model == "forest":
+            return self.members[0].predict_trees(list(schedules))
         raw = np.stack([m.predict(schedules) for m in self.members]) if schedules else np.zeros((len(self.members), 0))
         if len(self.members) == 1:
             return raw
@@ -676,6 +742,6 @@ def heldout_tau(schedules: Sequence[SolverSchedule], scores, cfg: PredictorConfi
     tr, te = heldout_split(nfes, holdout_frac, seed)
     if te.size == 0:
         return float("nan")
-    p = Predictor(cfg, noise, seed, probes=probes, encoding_cache=encoding_cache).fit([schedules[i] for i in tr], scores[tr])
+    p = make_predictor(cfg, noise, seed, probes=probes, encoding_cache=encoding_cache).fit([schedules[i] for i in tr], scores[tr])
     pred = p.predict([schedules[i] for i in te])
     return per_nfe_tau(nfes[te], pred, scores[te])
