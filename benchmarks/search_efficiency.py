@@ -34,13 +34,15 @@ ALGOS = ("s3", "evolution", "random", "optuna-tpe")
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-def _config(space: str, nfe: int, budget: int, seed: int, samples: int):
-    """The space's model, metric, baselines, operators and decisions, at one NFE and this budget."""
+def _config(space: str, nfe: int, budget: int, seed: int, samples: int, predictor: dict | None = None):
+    """The space's model, metric, baselines, operators and decisions, at one NFE and this budget
+    (``predictor``: settings that override the space's)."""
     import yaml
 
     from s3_ray.config import parse_config
 
     data = yaml.safe_load((SPACES / f"{space}.yaml").read_text())
+    data["predictor"] = {**data.get("predictor", {}), **(predictor or {})}
     data.update(name=f"eff-{space}-{nfe}", nfe=[nfe], budget=budget, stages=4, random_init=10, seed=seed,
                 metric={**data["metric"], "samples": [samples]}, concurrency=1, plan_ahead=0)
     return parse_config(data)
@@ -48,7 +50,7 @@ def _config(space: str, nfe: int, budget: int, seed: int, samples: int):
 
 def run_one(args) -> dict:
     """One search run; returns the best (score, schedule) after each evaluation."""
-    space, algo, seed, nfe, budget, samples = args
+    space, algo, seed, nfe, budget, samples, predictor = args
     import torch
 
     torch.set_num_threads(1)
@@ -58,7 +60,7 @@ def run_one(args) -> dict:
     from s3_ray.search.searcher import S3Searcher, predictor_quality
     from s3_ray.usf.schedule import SolverSchedule
 
-    cfg = _config(space, nfe, budget, seed, samples)
+    cfg = _config(space, nfe, budget, seed, samples, predictor)
     searcher = S3Searcher(cfg, algo=algo)
     target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
     best, trace, start = (float("inf"), None), [], time.time()
@@ -103,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--predictor", type=json.loads, default=None, help=(
+        'JSON settings overriding the space\'s predictor for S3, e.g. \'{"model": "forest"}\''))
     ap.add_argument("--reuse", type=Path, default=None, help=(
         "an earlier result JSON of the same protocol (space, NFE, seeds, samples): the algorithms not in "
         "--algos are taken from it (searches are deterministic given their seeds, so this re-runs nothing "
@@ -114,7 +118,7 @@ def main(argv=None):
     start = time.time()
     cap = {algo: (a.s3_budget or max(budgets)) if algo == "s3" else max(budgets) for algo in algos}
     own = {algo: [b for b in budgets if b <= cap[algo]] for algo in algos}  # the budgets each algorithm reaches
-    jobs = [(a.space, algo, seed, a.nfe, cap[algo], a.samples) for algo in algos for seed in range(a.seeds)]
+    jobs = [(a.space, algo, seed, a.nfe, cap[algo], a.samples, a.predictor) for algo in algos for seed in range(a.seeds)]
     with ProcessPoolExecutor(a.workers) as pool:
         runs = list(pool.map(run_one, jobs))
         # best found within each budget, re-scored on fresh seeds
@@ -157,7 +161,7 @@ def main(argv=None):
         checks["ratio s3 / best baseline"] = s3_best / best_baseline["fresh"]
     out = {"benchmark": "search_efficiency", "nfe": a.nfe, "budgets": budgets, "seeds": a.seeds, "samples": a.samples,
            "final_samples": a.final_samples, "fresh_seeds": fresh_seeds, "best_baseline": best_baseline,
-           "space": a.space, "reused_from": str(a.reuse) if a.reuse else None, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
+           "space": a.space, "predictor": a.predictor, "reused_from": str(a.reuse) if a.reuse else None, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
            "seconds": time.time() - start}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"search_efficiency{a.tag}"
@@ -165,7 +169,8 @@ def main(argv=None):
     md = [f"# Search efficiency at NFE {a.nfe} ({a.space})", "",
           f"Best schedule found within each budget, re-scored with {a.final_samples} samples on fresh seeds "
           f"{fresh_seeds} (mean ± std over {a.seeds} search seeds; search used {a.samples} samples). "
-          f"Best tuned baseline: {best_baseline['name']} FID {best_baseline['fresh']:.4f}.", "",
+          f"Best tuned baseline: {best_baseline['name']} FID {best_baseline['fresh']:.4f}."
+          + (f" S3's predictor settings overridden: `{json.dumps(a.predictor)}`." if a.predictor else ""), "",
           "| algorithm | " + " | ".join(f"{b} evals" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for algo in algos:
         md.append(f"| {algo} | " + " | ".join(f"{summary[f'{algo}/{b}']['mean']:.4f} ± {summary[f'{algo}/{b}']['std']:.4f}"

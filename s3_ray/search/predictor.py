@@ -557,8 +557,10 @@ class Predictor:
 class ForestPredictor:
     """``predictor.model: forest``: a random forest (scikit-learn) regressing the log score on the
     schedules' encodings. Unlike the network it needs no input scaling and no pairs, and its trees
-    vote independently, which ranks a stage's proposals better on our targets (measured on stored
-    searches: benchmarks/results/predictor_models.md). ``predict_trees`` is the spread for 'ucb'."""
+    vote independently: it ranks a stage's proposals better than the network (it cannot extrapolate
+    past its training scores, where the network's top picks are its most optimistic errors), but a
+    search with it finds worse schedules (README, "predictor.model"). ``predict_trees`` is the
+    spread for 'ucb'."""
 
     def __init__(self, cfg: PredictorConfig, noise: NoiseSchedule, seed: int = 0, probes: bool | None = None,
                  encoding_cache: dict | None = None):
