@@ -397,6 +397,10 @@ class Predictor:
         sizes += [(2 * h[-1] + n_glob, h[-1]), (h[-1], 1)]
         return sizes
 
+    def _shapes(self) -> list[tuple[int, ...]]:
+        """The parameter shapes ``_init_params`` makes: [W, b] per layer."""
+        return [shape for fan_in, fan_out in self._sizes() for shape in ((fan_out, fan_in), (fan_out,))]
+
     def _init_params(self) -> list[torch.Tensor]:
         """[W, b] per layer with PyTorch's default Linear init, from a seeded generator."""
         g = torch.Generator().manual_seed(self.seed)
@@ -473,7 +477,7 @@ class Predictor:
             self._standardise_from(x)
             self.params, epochs = self._init_params(), self.cfg.epochs
         else:
-            if [tuple(t.shape) for t in start_from.params] != [tuple(t.shape) for t in self._init_params()]:
+            if [tuple(t.shape) for t in start_from.params] != self._shapes():
                 raise ValueError("start_from: a predictor with another network shape")
             self.mean, self.std = start_from.mean.copy(), start_from.std.copy()
             self.params, epochs = [p.clone() for p in start_from.params], self.cfg.refit_epochs or self.cfg.epochs
