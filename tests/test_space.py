@@ -281,7 +281,7 @@ def test_default_search_space_digits_yaml():
     assert d.predictions == ("noise", "data") and d.max_order == 3 and d.correctors == ("none", "pseudo")
     assert d.afs == ("none", "zero_x0", "mean_x0") and d.min_dlambda == 0.05 and d.max_steps == 12
     assert d.t_end_range is None
-    assert cfg.predictor.hidden == (64, 64) and cfg.predictor.epochs == 300 and cfg.predictor.candidates == 400
+    assert cfg.predictor.hidden == (64, 64) and cfg.predictor.epochs == 300 and cfg.predictor.candidates == 1600
     assert (cfg.resources.cpu, cfg.resources.gpu) == (1, 0)
     # every NFE of the range is reachable in this decision space
     rng = np.random.default_rng(0)
