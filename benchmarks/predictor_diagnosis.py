@@ -61,6 +61,9 @@ def diagnose(run_dir: Path, fidelity: Path) -> dict:
 
     state = load_saved_state(run_dir / "tune")
     cfg = SearchConfig.model_validate(state["config"])
+    if cfg.predictor.model != "net":
+        raise SystemExit(f"{run_dir}: predictor.model {cfg.predictor.model!r}; this diagnosis refits model 'net' "
+                         "(benchmarks/predictor_models.py compares models)")
     noise = noise_for(cfg.model)
     noise_sd = _noise_sd(fidelity, cfg.model.kind)
     results = sorted(state["results"], key=lambda r: r["index"])
