@@ -244,7 +244,7 @@ class PredictorConfig(_Cfg):
         "predictor on all of it)"))
     acquisition: Literal["mean", "ucb"] = Field(default="mean", description=(
         "how candidates are ranked: 'mean' of the members' standardised predictions, or 'ucb': mean - kappa x "
-        "their spread (optimistic, for a minimised score; needs ensemble >= 2)"))
+        "their spread (optimistic, for a minimised score; needs ensemble >= 2, or model forest: its trees)"))
     kappa: float = Field(default=1.0, ge=0, description="weight of the members' spread under acquisition 'ucb'")
     trees: int = Field(default=300, ge=2, le=5000, description="trees of model 'forest'")
     min_leaf: int = Field(default=2, ge=1, description="fewest training schedules in a leaf of model 'forest'")
