@@ -58,6 +58,7 @@ def compare(path: Path) -> list[dict]:
         scores = [r["score"] for r in train]
         asked = [SolverSchedule.from_json(r["schedule"]) for r in own]
         nfes, measured = np.array([r["nfe"] for r in own]), np.array([r["score"] for r in own])
+        train_nfes = np.array([s.nfe() for s in schedules])
         row = {"search": cfg.name, "path": str(path), "stage": k, "n_train": len(train), "n_proposals": len(own),
                "recorded_tau": per_nfe_tau(nfes, np.array([r["predicted"] for r in own]), measured)}
         for name, update in MODELS.items():
@@ -69,9 +70,8 @@ def compare(path: Path) -> list[dict]:
             pred, fitted = p.predict(asked), p.predict(schedules)
             row[f"{name}_proposal_tau"] = per_nfe_tau(nfes, pred, measured)
             # extrapolation: proposals predicted better than every training schedule of their NFE
-            train_nfe = np.array([s.nfe() for s in schedules])
-            row[f"{name}_beyond_best"] = float(np.mean([pred[i] < fitted[train_nfe == n].min() if (train_nfe == n).any()
-                                                        else False for i, n in enumerate(nfes)]))
+            best = {n: fitted[train_nfes == n].min() for n in set(train_nfes.tolist())}
+            row[f"{name}_beyond_best"] = float(np.mean([p_i < best.get(n, -np.inf) for p_i, n in zip(pred, nfes.tolist())]))
             row[f"{name}_heldout_tau"] = heldout_tau(schedules, scores, pc, noise, seed=cfg.seed + k, encoding_cache=cache)
         print(json.dumps(row), flush=True)
         rows.append(row)

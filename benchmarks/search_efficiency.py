@@ -109,8 +109,8 @@ def main(argv=None):
         'JSON settings overriding the space\'s predictor for S3, e.g. \'{"model": "forest"}\''))
     ap.add_argument("--reuse", type=Path, default=None, help=(
         "an earlier result JSON of the same protocol (space, NFE, seeds, samples): the algorithms not in "
-        "--algos are taken from it (searches are deterministic given their seeds, so this re-runs nothing "
-        "whose code did not change)"))
+        "--algos are taken from it (searches are deterministic given their seeds; valid only while their code "
+        "is unchanged, which this script does not check: rerun one seed to compare)"))
     a = ap.parse_args(argv)
     budgets = [int(b) for b in a.budgets.split(",")]
     algos = a.algos.split(",")
@@ -177,7 +177,7 @@ def main(argv=None):
                                             if f"{algo}/{b}" in summary else "-" for b in budgets) + " |")
     if reused:
         md += ["", f"Rows {', '.join(sorted({r['algo'] for r in reused}))}: reused from `{a.reuse.name}` (the same "
-               "seeds and protocol; their code is unchanged since), not re-run."]
+               "seeds and protocol), not re-run: valid while their code is unchanged."]
     md += ["", "Checks: " + ", ".join(f"{k}: {v if isinstance(v, bool) else round(v, 3)}" for k, v in checks.items())]
     for k, p in paired.items():
         md.append(f"Paired over search seeds, {k}: mean difference {p['mean_diff']:+.4f} (S3 minus other), S3 lower "

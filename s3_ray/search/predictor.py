@@ -611,8 +611,7 @@ class ForestPredictor:
         """[trees, schedules]: every tree's prediction (an unfitted forest predicts 0)."""
         schedules = list(schedules)
         if self.forest is None or not schedules:
-            return np.zeros((max(self.cfg.trees, 1) if self.forest is None else len(self.forest.estimators_),
-                             len(schedules)))
+            return np.zeros((self.cfg.trees, len(schedules)))
         x = self._encode(schedules).astype(np.float32)
         return np.stack([t.predict(x) for t in self.forest.estimators_]).astype(np.float64)
 
