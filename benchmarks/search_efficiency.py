@@ -34,9 +34,10 @@ ALGOS = ("s3", "evolution", "random", "optuna-tpe")
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-def _config(space: str, nfe: int, budget: int, seed: int, samples: int, predictor: dict | None = None):
+def _config(space: str, nfe: int, budget: int, seed: int, samples: int, predictor: dict | None = None,
+            screen: dict | None = None):
     """The space's model, metric, baselines, operators and decisions, at one NFE and this budget
-    (``predictor``: settings that override the space's)."""
+    (``predictor``: settings that override the space's; ``screen``: multi-fidelity stages)."""
     import yaml
 
     from s3_ray.config import parse_config
@@ -45,12 +46,15 @@ def _config(space: str, nfe: int, budget: int, seed: int, samples: int, predicto
     data["predictor"] = {**data.get("predictor", {}), **(predictor or {})}
     data.update(name=f"eff-{space}-{nfe}", nfe=[nfe], budget=budget, stages=4, random_init=10, seed=seed,
                 metric={**data["metric"], "samples": [samples]}, concurrency=1, plan_ahead=0)
+    if screen is not None:
+        data["screen"] = screen
     return parse_config(data)
 
 
 def run_one(args) -> dict:
-    """One search run; returns the best (score, schedule) after each evaluation."""
-    space, algo, seed, nfe, budget, samples, predictor = args
+    """One search run; returns the best (score, schedule) after each full evaluation and the budget
+    spent by then (screening trials charged ``screen.cost`` per schedule)."""
+    space, algo, seed, nfe, budget, samples, predictor, screen = args
     import torch
 
     torch.set_num_threads(1)
@@ -58,25 +62,39 @@ def run_one(args) -> dict:
 
     from s3_ray.metrics.evaluate import evaluate, get_target
     from s3_ray.search.searcher import S3Searcher, predictor_quality
+    from s3_ray.search.trial import screen_schedules
     from s3_ray.usf.schedule import SolverSchedule
 
-    cfg = _config(space, nfe, budget, seed, samples, predictor)
+    cfg = _config(space, nfe, budget, seed, samples, predictor, screen if algo == "s3" else None)
     searcher = S3Searcher(cfg, algo=algo)
     target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
-    best, trace, start = (float("inf"), None), [], time.time()
+    best, trace, spent, cost, start = (float("inf"), None), [], [], 0.0, time.time()
     while True:
         tid = f"t{searcher.n_suggested}"
         c = searcher.suggest(tid)
         if c == Searcher.FINISHED or c is None:
             break
+        if "screen" in c:  # a screening trial: cheap scores for the searcher, no candidate for the trace
+            searcher.on_trial_complete(tid, screen_schedules(c["screen"], target, c["samples"], c["seed"],
+                                                                 c.get("fidelity", "rmse")))
+            cost += len(c["screen"]) * cfg.screen.cost
+            continue
         s = SolverSchedule.from_json(c["schedule"])
         r = evaluate(s, target, n=c["samples"], seed=c["seed"])
         searcher.on_trial_complete(tid, r)
         if r["score"] < best[0]:
             best = (r["score"], c["schedule"])
+        cost += 1
         trace.append(best)
-    return {"algo": algo, "seed": seed, "trace": trace, "seconds": time.time() - start,
+        spent.append(cost)
+    return {"algo": algo, "seed": seed, "trace": trace, "spent": spent, "seconds": time.time() - start,
             "taus": predictor_quality(searcher.get_state())}
+
+
+def best_within(run: dict, budget: int) -> tuple[float, str]:
+    """The best (search score, schedule) among the full evaluations done within ``budget`` (cost)."""
+    n = int(np.searchsorted(np.asarray(run["spent"]), budget + 1e-9, side="right"))
+    return run["trace"][max(n, 1) - 1]
 
 
 def fresh_score(args) -> float:
@@ -107,6 +125,8 @@ def main(argv=None):
     ap.add_argument("--tag", default="")
     ap.add_argument("--predictor", type=json.loads, default=None, help=(
         'JSON settings overriding the space\'s predictor for S3, e.g. \'{"model": "forest"}\''))
+    ap.add_argument("--screen", type=json.loads, default=None, help=(
+        'JSON multi-fidelity settings for S3 (budgets then count cost), e.g. \'{"factor": 3, "cost": 0.06}\''))
     ap.add_argument("--reuse", type=Path, default=None, help=(
         "an earlier result JSON of the same protocol (space, NFE, seeds, samples): the algorithms not in "
         "--algos are taken from it (searches are deterministic given their seeds; valid only while their code "
@@ -118,13 +138,13 @@ def main(argv=None):
     start = time.time()
     cap = {algo: (a.s3_budget or max(budgets)) if algo == "s3" else max(budgets) for algo in algos}
     own = {algo: [b for b in budgets if b <= cap[algo]] for algo in algos}  # the budgets each algorithm reaches
-    jobs = [(a.space, algo, seed, a.nfe, cap[algo], a.samples, a.predictor) for algo in algos for seed in range(a.seeds)]
+    jobs = [(a.space, algo, seed, a.nfe, cap[algo], a.samples, a.predictor, a.screen) for algo in algos for seed in range(a.seeds)]
     with ProcessPoolExecutor(a.workers) as pool:
         runs = list(pool.map(run_one, jobs))
         # best found within each budget, re-scored on fresh seeds
         picked = [(r, b) for r in runs for b in own[r["algo"]]]
-        fresh = list(pool.map(fresh_score, [(a.space, r["trace"][min(b, len(r["trace"])) - 1][1], a.final_samples,
-                                             fresh_seeds) for r, b in picked]))
+        fresh = list(pool.map(fresh_score, [(a.space, best_within(r, b)[1], a.final_samples, fresh_seeds)
+                                            for r, b in picked]))
         from s3_ray.models.pipeline import noise_for
         from s3_ray.search.seed_baselines import baseline_schedules
 
@@ -132,8 +152,9 @@ def main(argv=None):
         base = baseline_schedules(cfg, noise_for(cfg.model), {})
         base_scores = list(pool.map(fresh_score, [(a.space, s.to_json(), a.final_samples, fresh_seeds)
                                                   for *_, s in base]))
-    rows = [{"algo": r["algo"], "seed": r["seed"], "budget": b, "search_best": r["trace"][min(b, len(r["trace"])) - 1][0],
-             "fresh": f, "seconds": r["seconds"]} for (r, b), f in zip(picked, fresh)]
+    rows = [{"algo": r["algo"], "seed": r["seed"], "budget": b, "search_best": best_within(r, b)[0],
+             "fresh": f, "seconds": r["seconds"],
+             "spent": max([c for c in r["spent"] if c <= b + 1e-9], default=0.0)} for (r, b), f in zip(picked, fresh)]
     reused = _reused(a, algos, fresh_seeds) if a.reuse else []
     for row in reused:
         if row["algo"] not in algos:
@@ -161,7 +182,7 @@ def main(argv=None):
         checks["ratio s3 / best baseline"] = s3_best / best_baseline["fresh"]
     out = {"benchmark": "search_efficiency", "nfe": a.nfe, "budgets": budgets, "seeds": a.seeds, "samples": a.samples,
            "final_samples": a.final_samples, "fresh_seeds": fresh_seeds, "best_baseline": best_baseline,
-           "space": a.space, "predictor": a.predictor, "reused_from": str(a.reuse) if a.reuse else None, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
+           "space": a.space, "predictor": a.predictor, "screen": a.screen, "reused_from": str(a.reuse) if a.reuse else None, "summary": summary, "checks": checks, "paired": paired, "rows": rows, "taus": {f"{r['algo']}/{r['seed']}": r["taus"] for r in runs},
            "seconds": time.time() - start}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"search_efficiency{a.tag}"
@@ -170,7 +191,9 @@ def main(argv=None):
           f"Best schedule found within each budget, re-scored with {a.final_samples} samples on fresh seeds "
           f"{fresh_seeds} (mean ± std over {a.seeds} search seeds; search used {a.samples} samples). "
           f"Best tuned baseline: {best_baseline['name']} FID {best_baseline['fresh']:.4f}."
-          + (f" S3's predictor settings overridden: `{json.dumps(a.predictor)}`." if a.predictor else ""), "",
+          + (f" S3's predictor settings overridden: `{json.dumps(a.predictor)}`." if a.predictor else "")
+          + (f" S3 with screening `{json.dumps(a.screen)}`: its budget counts cost (a screened schedule "
+             f"{_cfg_screen(a.screen).cost}, a full evaluation 1)." if a.screen else ""), "",
           "| algorithm | " + " | ".join(f"{b} evals" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for algo in algos:
         md.append(f"| {algo} | " + " | ".join(f"{summary[f'{algo}/{b}']['mean']:.4f} ± {summary[f'{algo}/{b}']['std']:.4f}"
@@ -191,6 +214,12 @@ def main(argv=None):
                   "evaluated: " + ", ".join(
                       f"stage {st}: {_mean(x.get('kendall_tau') for x in v):.2f} / {_mean(x.get('proposal_tau') for x in v):.2f}"
                       for st, v in sorted(by_stage.items())))
+        screened = [t for t in taus if "screen_vs_full_tau" in t]
+        if screened:
+            md.append("Screening, Kendall tau per stage (mean over seeds), predictor vs screening score / screening "
+                      "vs full score (survivors): " + ", ".join(
+                          f"stage {st}: {_mean(x.get('predicted_vs_screen_tau') for x in v):.2f} / "
+                          f"{_mean(x.get('screen_vs_full_tau') for x in v):.2f}" for st, v in sorted(by_stage.items())))
     md.append(f"Wall time {out['seconds']:.0f} s.")
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     _plot(out, algos, budgets, RESULTS / f"{stem}.png")
@@ -210,6 +239,12 @@ def _reused(a, algos: list[str], fresh_seeds: list[int]) -> list[dict]:
     if diff:
         raise SystemExit(f"--reuse {a.reuse}: another protocol ({diff}: theirs, ours)")
     return [r for r in old["rows"] if r["algo"] not in algos]
+
+
+def _cfg_screen(screen: dict):
+    from s3_ray.config import ScreenConfig
+
+    return ScreenConfig.model_validate(screen)
 
 
 def _mean(xs) -> float:

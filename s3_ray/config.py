@@ -281,9 +281,10 @@ class SyntheticConfig(_Cfg):
 
 class ScreenConfig(_Cfg):
     """Multi-fidelity stages (successive halving with one cheap rung): each S3 stage sends
-    ``factor`` x as many predicted-best mutants to a cheap fidelity, the RMSE of ``samples`` few-step
+    ``factor`` x as many predicted-best mutants to a cheap fidelity, and only the best 1 / ``factor``
+    of them per NFE to the full metric. ``fidelity``: ``rmse``, the RMSE of ``samples`` few-step
     samples against the converged solve from the same noise (common random numbers: nearly
-    noise-free), and only the best 1 / ``factor`` of them per NFE to the full metric."""
+    noise-free), or ``metric``, the search's own metric on ``samples`` samples."""
 
     samples: int = Field(default=64, ge=2, le=4096, description="samples per screened schedule")
     factor: int = Field(default=3, ge=2, le=100, description="schedules screened per full evaluation")
@@ -291,6 +292,9 @@ class ScreenConfig(_Cfg):
         "budget charged per screened schedule, in full evaluations (its time relative to one full "
         "evaluation: benchmarks/results/fidelity.md)"))
     batch: int = Field(default=16, ge=1, le=1024, description="schedules screened per trial")
+    fidelity: Literal["rmse", "metric"] = Field(default="rmse", description=(
+        "rmse: against the converged solve from the same noise; metric: the search metric (e.g. FID) on "
+        "`samples` samples, which ranks a stage's proposals far better (benchmarks/results/fidelity.md)"))
 
 
 class SearchConfig(_Cfg):

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from ray.tune.search import Searcher
 
-from s3_ray.config import ConfigError, MetricConfig, ScreenConfig, parse_config
+from s3_ray.config import ConfigError, MetricConfig, ModelConfig, ScreenConfig, parse_config
 from s3_ray.metrics.evaluate import evaluate, get_target
 from s3_ray.search.searcher import S3Searcher, predictor_quality, screen_split
 from s3_ray.search.trial import run_trial
@@ -172,3 +172,28 @@ def test_screen_refused_with_synthetic_trials():
     bad = {**CFG, "synthetic": {"median_s": 0.1}}
     with pytest.raises(ConfigError, match="screen"):
         parse_config(bad)
+
+
+def test_metric_fidelity_scores_with_the_search_metric():
+    """``screen.fidelity: metric`` scores each schedule with the search's own metric (here FID of the
+    digits model against its data) on ``screen.samples`` samples, not with the RMSE."""
+    from s3_ray.models.pipeline import noise_for
+    from s3_ray.usf.baselines import build_baseline
+
+    model, metric = ModelConfig(kind="digits"), MetricConfig(kind="fid", samples=(1000,))
+    target = get_target(model.model_dump_json(), metric.model_dump_json())
+    noise = noise_for(model)
+    schedules = [build_baseline(name, noise, 4).to_json() for name in ("ddim", "dpm_solver_pp_2m", "unipc_bh2")]
+    base = {"screen": schedules, "schedule_hashes": ["a", "b", "c"], "schedule_hash": "abc", "samples": 128,
+            "seed": 3, "model": model.model_dump_json(), "metric": metric.model_dump_json()}
+    by_metric = run_trial({**base, "fidelity": "metric"})
+    want = [evaluate(SolverSchedule.from_json(s), target, n=128, seed=3)["score"] for s in schedules]
+    assert by_metric["scores"] == pytest.approx(want, rel=1e-9)
+    assert by_metric["screen_best_fid"] == min(want) and "screen_best_rmse" not in by_metric
+    by_rmse = run_trial(base)  # the default fidelity (a config from before 'fidelity' existed)
+    rmse = MetricConfig(kind="rmse")
+    assert by_rmse["scores"] == pytest.approx(
+        [evaluate(SolverSchedule.from_json(s), target, rmse, n=128, seed=3)["score"] for s in schedules], rel=1e-9)
+    assert by_rmse["scores"] != pytest.approx(by_metric["scores"], rel=1e-3)
+    with pytest.raises(ConfigError, match="fidelity"):
+        parse_config({**CFG, "screen": {**CFG["screen"], "fidelity": "fid"}})

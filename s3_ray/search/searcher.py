@@ -304,7 +304,7 @@ class S3Searcher(Searcher):
             self.queue.append({"screen": [c["schedule"] for c in b], "schedule_hashes": hashes,
                                "schedule_hash": hashlib.sha256(",".join(hashes).encode()).hexdigest(),
                                "nfe": None, "source": "screen", "stage": self.stage, "samples": self.cfg.screen.samples,
-                               "seed": self.cfg.seed, "cost": len(b) * cost})
+                               "fidelity": self.cfg.screen.fidelity, "seed": self.cfg.seed, "cost": len(b) * cost})
 
     def _promote(self) -> bool:
         """Queue the screening rung's survivors once all its results are in: per NFE the best by the

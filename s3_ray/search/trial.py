@@ -30,7 +30,8 @@ def run_trial(config: dict) -> dict:
     torch.set_num_threads(1)
     target = get_target(config["model"], config["metric"])  # cached: loaded once per worker process
     if "screen" in config:
-        result = screen_schedules(config["screen"], target, int(config["samples"]), int(config["seed"]))
+        result = screen_schedules(config["screen"], target, int(config["samples"]), int(config["seed"]),
+                                  config.get("fidelity", "rmse"))
     else:
         schedule = SolverSchedule.from_json(config["schedule"])
         result = evaluate(schedule, target, n=int(config["samples"]), seed=int(config["seed"]))
@@ -49,24 +50,35 @@ def run_trial(config: dict) -> dict:
     return {**result, "cached": 0, "started_at": started_at, "ended_at": time.time()}
 
 
-def screen_schedules(schedules: list[str], target, n: int, seed: int) -> dict:
-    """A screening trial (multi-fidelity search): the RMSE of each schedule's ``n`` samples against
-    the converged solve from the same noise. ``scores`` in the given order; ``score`` is their best
-    (what Tune and the MLflow child run show); a NaN schedule scores ``metric.worst_score``."""
+def screen_schedules(schedules: list[str], target, n: int, seed: int, fidelity: str = "rmse") -> dict:
+    """A screening trial (multi-fidelity search): each schedule's ``n`` samples scored by their RMSE
+    against the converged solve from the same noise (``fidelity`` rmse) or by the search metric
+    (``metric``). ``scores`` in the given order; ``score`` is their best (what Tune and the MLflow
+    child run show, also as ``screen_best_<rmse|metric kind>``); a NaN schedule scores
+    ``metric.worst_score``."""
     from s3_ray.config import MetricConfig
 
-    rmse = MetricConfig(kind="rmse", worst_score=target.metric_cfg.worst_score)
     started = time.perf_counter()
-    target.reference_solution(n, seed)  # the converged solve, once per process
-    scores = [evaluate(SolverSchedule.from_json(s), target, rmse, n=n, seed=seed)["score"] for s in schedules]
-    return {"scores": scores, "score": min(scores), "screen_best_rmse": min(scores), "n_schedules": len(scores),
-            "n": n, "seed": seed, "failed": False, "seconds": time.perf_counter() - started}
+    if fidelity == "rmse":
+        metric = MetricConfig(kind="rmse", worst_score=target.metric_cfg.worst_score)
+        target.reference_solution(n, seed)  # the converged solve, once per process
+    elif fidelity == "metric":
+        metric = target.metric_cfg
+    else:
+        raise ValueError(f"screen.fidelity: {fidelity!r} is not 'rmse' or 'metric'")
+    scores = [evaluate(SolverSchedule.from_json(s), target, metric, n=n, seed=seed)["score"] for s in schedules]
+    return {"scores": scores, "score": min(scores), f"screen_best_{metric.kind}": min(scores),
+            "n_schedules": len(scores), "n": n, "seed": seed, "failed": False,
+            "seconds": time.perf_counter() - started}
 
 
 def _cache_path(config: dict) -> Path | None:
     if not config.get("cache_dir"):
         return None
-    key = json.dumps([config["schedule_hash"], config["samples"], config["seed"], config["model"], config["metric"]])
+    key = [config["schedule_hash"], config["samples"], config["seed"], config["model"], config["metric"]]
+    if config.get("fidelity", "rmse") != "rmse":  # a screening trial's fidelity (rmse keys as before)
+        key.append(config["fidelity"])
+    key = json.dumps(key)
     return Path(config["cache_dir"]) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

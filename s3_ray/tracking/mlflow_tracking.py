@@ -290,22 +290,24 @@ class Tracker:
     def _log_screen(self, trial_id: str, config: dict, result: dict) -> bool:
         """A screening trial's child run (kind 'screen'): no ``score`` metric, so the trials table
         sorted by the search metric lists full evaluations first; ``screen.json`` holds each
-        schedule's hash and RMSE."""
+        schedule's hash and screening score (RMSE, or the metric)."""
         from mlflow.entities import Metric, Param
 
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, KIND_TAG: "screen", "s3.source": "screen"}
-        best = result.get("screen_best_rmse")
+        name = next((k.removeprefix("screen_best_") for k in result if k.startswith("screen_best_")), "rmse")
+        best = result.get(f"screen_best_{name}")
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=(
-            f"screen-stage{config['stage']}-{len(config['screen'])}x-rmse{best:.3g}-{trial_id}"
+            f"screen-stage{config['stage']}-{len(config['screen'])}x-{name}{best:.3g}-{trial_id}"
             if isinstance(best, (int, float)) else f"screen-stage{config['stage']}-failed-{trial_id}"))
         params = {"stage": str(config["stage"]), "source": "screen", "samples": str(config["samples"]),
-                  "seed": str(config["seed"]), "n_schedules": str(len(config["screen"]))}
-        metrics = [Metric(k, float(result[k]), 0, 0) for k in ("screen_best_rmse", "seconds", "failed")
+                  "seed": str(config["seed"]), "n_schedules": str(len(config["screen"])),
+                  "fidelity": str(config.get("fidelity", "rmse"))}
+        metrics = [Metric(k, float(result[k]), 0, 0) for k in (f"screen_best_{name}", "seconds", "failed")
                    if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
         metrics.append(Metric("stage", float(config["stage"]), 0, 0))
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
         scores = result.get("scores") or [None] * len(config["screen"])
-        self.client.log_text(run.info.run_id, json.dumps([{"schedule_hash": h, "rmse": sc} for h, sc in
+        self.client.log_text(run.info.run_id, json.dumps([{"schedule_hash": h, name: sc} for h, sc in
                                                           zip(config["schedule_hashes"], scores)], indent=1), "screen.json")
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("failed") else "FINISHED")
         self.logged_trial_ids().add(trial_id)
