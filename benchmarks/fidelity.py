@@ -8,6 +8,7 @@ fidelity). Each schedule is scored at:
 - ``fid_search``: FID at the search's sample count and noise seed (what every trial measures);
 - ``fid_search_b``: the same at another noise seed (an independent draw of the same fidelity);
 - ``truth``: mean FID over 2,000 samples x 2 fresh seeds (what the final table reports);
+- ``fid_250``: FID at 250 samples and the search's noise seed (``screen.fidelity: metric``);
 - ``rmse_64`` / ``rmse_256``: RMSE of the few-step samples against the converged 100-NFE solve from
   the same noise (common random numbers), on 64 / 256 samples.
 
@@ -73,7 +74,7 @@ def measure(target_name: str, nfes: list[int], mutants: int, truth_samples: int)
         def score_all(name, s):
             r = {"name": name, "schedule_hash": s.schedule_hash(), "seconds": {}}
             for key, metric, n, sd in (("fid_search", None, n_search, seed), ("fid_search_b", None, n_search, seed + 1),
-                                       ("rmse_64", rmse, 64, seed), ("rmse_256", rmse, 256, seed)):
+                                       ("fid_250", None, 250, seed), ("rmse_64", rmse, 64, seed), ("rmse_256", rmse, 256, seed)):
                 if metric is not None:
                     target.reference_solution(n, sd)  # the converged solve is cached per process, not timed
                 e = evaluate(s, target, metric, n=n, seed=sd)
@@ -99,7 +100,7 @@ def measure(target_name: str, nfes: list[int], mutants: int, truth_samples: int)
     return {"target": target_name, "search_samples": n_search, "search_seed": seed, "per_nfe": per_nfe}
 
 
-FIDELITIES = ("fid_search", "rmse_64", "rmse_256")
+FIDELITIES = ("fid_search", "fid_250", "rmse_64", "rmse_256")
 
 
 def _stats(rows: list[dict]) -> dict:
@@ -168,19 +169,21 @@ def _markdown(out: dict) -> str:
              "noise: seed-to-seed sd of one search score, over all schedules / the best quarter by truth (it "
              "grows with the FID); spread: sd of truth over the best quarter. "
              "Cost: median seconds relative to one search evaluation.", "",
-             "| target | NFE | schedules | tau fid_search | tau rmse_64 | tau rmse_256 | tau draws | "
-             "noise sd | best-quarter sd | cost rmse_64 | cost rmse_256 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | NFE | schedules | tau fid_search | tau fid_250 | tau rmse_64 | tau rmse_256 | tau draws | "
+             "noise sd | best-quarter sd | cost fid_250 | cost rmse_64 | cost rmse_256 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in out["targets"]:
         for nfe, s in t["per_nfe"].items():
             a, b = s["tau_vs_truth"], s["tau_vs_truth_best_half"]
             lines.append(
                 f"| {t['target']} (search: FID@{t['search_samples']}) | {nfe} | {s['n_schedules']} ({s['n_failed']} failed) | "
-                f"{a['fid_search']:.2f} / {b['fid_search']:.2f} | {a['rmse_64']:.2f} / {b['rmse_64']:.2f} | "
+                f"{a['fid_search']:.2f} / {b['fid_search']:.2f} | {a['fid_250']:.2f} / {b['fid_250']:.2f} | "
+                f"{a['rmse_64']:.2f} / {b['rmse_64']:.2f} | "
                 f"{a['rmse_256']:.2f} / {b['rmse_256']:.2f} | {s['tau_search_draws']:.2f} / "
                 f"{s['tau_search_draws_best_half']:.2f} | {s['search_noise_sd']:.4f} / {s['search_noise_sd_best_quarter']:.4f} | "
                 f"{s['truth_best_quarter_sd']:.4f} | "
-                f"{s['relative_cost']['rmse_64']:.3f} | {s['relative_cost']['rmse_256']:.3f} |")
+                f"{s['relative_cost']['fid_250']:.3f} | {s['relative_cost']['rmse_64']:.3f} | "
+                f"{s['relative_cost']['rmse_256']:.3f} |")
     lines += ["", f"Wall time {out['wall_seconds']:.0f} s on {out['cpus']} CPUs (one target per process, one thread)."]
     return "\n".join(lines) + "\n"
 

@@ -197,3 +197,18 @@ def test_metric_fidelity_scores_with_the_search_metric():
     assert by_rmse["scores"] != pytest.approx(by_metric["scores"], rel=1e-3)
     with pytest.raises(ConfigError, match="fidelity"):
         parse_config({**CFG, "screen": {**CFG["screen"], "fidelity": "fid"}})
+
+
+def test_metric_screening_draws_its_own_noise():
+    """With ``fidelity: metric`` the screening trials use noise seed ``seed + SCREEN_SEED_OFFSET``,
+    the full evaluations the search's seed (rmse screening keeps the search's seed: common random
+    numbers with the converged solve)."""
+    from s3_ray.search.searcher import SCREEN_SEED_OFFSET
+
+    cfg = parse_config({**CFG, "screen": {**CFG["screen"], "fidelity": "metric"}, "budget": 40})
+    s, trace = S3Searcher(cfg, algo="s3"), []
+    assert drive(s, trace) == "finished"
+    screens = [c for _, c, _ in trace if "screen" in c]
+    assert screens and {c["seed"] for c in screens} == {cfg.seed + SCREEN_SEED_OFFSET}
+    assert {c["fidelity"] for c in screens} == {"metric"}
+    assert {c["seed"] for _, c, _ in trace if "screen" not in c} == {cfg.seed}

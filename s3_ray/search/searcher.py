@@ -10,7 +10,8 @@ Optuna's TPE over a fixed-length parameterisation of the same space (``tpe.py``)
 With ``screen`` (multi-fidelity, successive halving with one cheap rung), a stage's top predicted
 mutants, ``screen.factor`` times as many as it can fully evaluate, first go to screening trials
 (``screen.batch`` schedules each, scored by the RMSE of ``screen.samples`` samples against the
-converged solve from the same noise); once every screening result of the stage is in, the best
+converged solve from the same noise, or with ``screen.fidelity: metric`` by the search metric on
+those samples, drawn from noise seed ``seed + SCREEN_SEED_OFFSET``); once every screening result of the stage is in, the best
 1 / factor per NFE by that score go to full evaluation. Budgets are counted in cost: a full
 evaluation costs 1, a screened schedule ``screen.cost``.
 
@@ -44,6 +45,9 @@ from s3_ray.usf.schedule import SolverSchedule, load_schedule
 
 ALGOS = ("s3", "evolution", "random", "optuna-tpe")
 STATE_VERSION = 2
+# Metric screening draws its noise apart from the full evaluations': survivors picked for a lucky
+# screening draw would otherwise carry that luck into their full score (shared samples).
+SCREEN_SEED_OFFSET = 100_000
 
 
 class S3Searcher(Searcher):
@@ -304,7 +308,10 @@ class S3Searcher(Searcher):
             self.queue.append({"screen": [c["schedule"] for c in b], "schedule_hashes": hashes,
                                "schedule_hash": hashlib.sha256(",".join(hashes).encode()).hexdigest(),
                                "nfe": None, "source": "screen", "stage": self.stage, "samples": self.cfg.screen.samples,
-                               "fidelity": self.cfg.screen.fidelity, "seed": self.cfg.seed, "cost": len(b) * cost})
+                               "fidelity": self.cfg.screen.fidelity, "seed": self._screen_seed(), "cost": len(b) * cost})
+
+    def _screen_seed(self) -> int:
+        return self.cfg.seed + (SCREEN_SEED_OFFSET if self.cfg.screen.fidelity == "metric" else 0)
 
     def _promote(self) -> bool:
         """Queue the screening rung's survivors once all its results are in: per NFE the best by the
