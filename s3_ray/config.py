@@ -294,7 +294,7 @@ class ScreenConfig(_Cfg):
     batch: int = Field(default=16, ge=1, le=1024, description="schedules screened per trial")
     fidelity: Literal["rmse", "metric"] = Field(default="rmse", description=(
         "rmse: against the converged solve from the same noise; metric: the search metric (e.g. FID) on "
-        "`samples` samples, which ranks a stage's proposals far better (benchmarks/results/fidelity.md)"))
+        "`samples` samples, which ranks a stage's proposals far better (README: search efficiency)"))
 
 
 class SearchConfig(_Cfg):
