@@ -91,11 +91,14 @@ def _start_server(pg, tmp_path):
 
 def _trials_in_db(pg, experiment: str) -> tuple[list[tuple], int]:
     """(name, trial id, status) of every trial's child run, and the number of parent runs, read from
-    the database itself, not through the server."""
+    the database itself, not through the server. A child run the logger deleted (a leftover of a
+    request cut off by the outage, replaced by a complete one) is not a trial's run: only active
+    runs count, as in the MLflow UI."""
     c = pg.connect("mlflow")
     with c.cursor() as cur:
         cur.execute("SELECT e.name, t.value, r.status FROM runs r JOIN experiments e USING (experiment_id) "
-                    "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 's3.trial_id' WHERE e.name = %s",
+                    "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 's3.trial_id' "
+                    "WHERE e.name = %s AND r.lifecycle_stage = 'active'",
                     (experiment,))
         trials = cur.fetchall()
         cur.execute("SELECT count(*) FROM runs r JOIN experiments e USING (experiment_id) JOIN tags t "
