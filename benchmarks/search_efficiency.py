@@ -53,7 +53,7 @@ def _config(space: str, nfe: int, budget: int, seed: int, samples: int, predicto
 
 def run_one(args) -> dict:
     """One search run; returns the best (score, schedule) after each full evaluation and the budget
-    spent by then (screening trials charged ``screen.cost`` per schedule)."""
+    spent by then (the searcher's own accounting: screening trials charged ``screen.cost`` per schedule)."""
     space, algo, seed, nfe, budget, samples, predictor, screen = args
     import torch
 
@@ -68,7 +68,7 @@ def run_one(args) -> dict:
     cfg = _config(space, nfe, budget, seed, samples, predictor, screen if algo == "s3" else None)
     searcher = S3Searcher(cfg, algo=algo)
     target = get_target(cfg.model.model_dump_json(), cfg.metric.model_dump_json())
-    best, trace, spent, cost, start = (float("inf"), None), [], [], 0.0, time.time()
+    best, trace, spent, start = (float("inf"), None), [], [], time.time()
     while True:
         tid = f"t{searcher.n_suggested}"
         c = searcher.suggest(tid)
@@ -77,16 +77,14 @@ def run_one(args) -> dict:
         if "screen" in c:  # a screening trial: cheap scores for the searcher, no candidate for the trace
             searcher.on_trial_complete(tid, screen_schedules(c["screen"], target, c["samples"], c["seed"],
                                                                  c.get("fidelity", "rmse")))
-            cost += len(c["screen"]) * cfg.screen.cost
             continue
         s = SolverSchedule.from_json(c["schedule"])
         r = evaluate(s, target, n=c["samples"], seed=c["seed"])
         searcher.on_trial_complete(tid, r)
         if r["score"] < best[0]:
             best = (r["score"], c["schedule"])
-        cost += 1
         trace.append(best)
-        spent.append(cost)
+        spent.append(searcher.spent)  # trials run one at a time: everything suggested so far is finished
     return {"algo": algo, "seed": seed, "trace": trace, "spent": spent, "seconds": time.time() - start,
             "taus": predictor_quality(searcher.get_state())}
 

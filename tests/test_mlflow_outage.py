@@ -158,6 +158,38 @@ def test_partial_child_run_is_replaced_not_duplicated(tmp_path, monkeypatch, cap
     assert t.client.search_runs([t.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '00002-y'")[0].info.status == "FINISHED"
 
 
+def test_leftover_running_runs_beside_a_complete_one_are_deleted(tmp_path):
+    """A request repeated after an outage can leave a RUNNING child run next to the trial's complete
+    one (or two RUNNING ones): the next scan deletes the leftovers, keeps the complete run, and keeps
+    one RUNNING run per unlogged trial to replace."""
+    from s3_ray.config import load_config
+    from s3_ray.tracking.mlflow_tracking import KIND_TAG, PARENT_TAG, TRIAL_TAG, Tracker
+    from s3_ray.usf.baselines import build_baseline
+    from s3_ray.usf.noise import VPLinear
+
+    uri, cfg = f"sqlite:///{tmp_path / 'm.db'}", load_config(ROOT / "search_spaces" / "smoke.yaml")
+    t = Tracker(uri, "leftover", (tmp_path / "art").as_uri())
+    t.start_parent(cfg.model_dump(mode="json"), "s3")
+    s = build_baseline("dpm_solver_pp_2m", VPLinear(), 4)
+    config = {"schedule": s.to_json(), "schedule_hash": s.schedule_hash(), "source": "baseline", "nfe": 4, "stage": 0,
+              "samples": 200, "seed": 0}
+    assert t.log_trial("00001-a", config, {"score": 1.5, "fid": 1.5, "seconds": 0.1, "failed": 0})
+    tags = {PARENT_TAG: t.parent_id, KIND_TAG: "trial"}
+    stale = t.client.create_run(t.experiment_id, tags={**tags, TRIAL_TAG: "00001-a"}).info.run_id
+    cut = [t.client.create_run(t.experiment_id, tags={**tags, TRIAL_TAG: "00002-b"}).info.run_id for _ in range(2)]
+
+    t2 = Tracker(uri, "leftover", None)
+    t2.start_parent(cfg.model_dump(mode="json"), "s3", resume_id=t.parent_id)
+    assert t2.logged_trial_ids() == {"00001-a"} and set(t2._partial) == {"00002-b"}
+    kept = t2._partial["00002-b"]
+    assert kept in cut and t.client.get_run(kept).info.lifecycle_stage == "active"
+    assert [t.client.get_run(r).info.lifecycle_stage for r in (stale, *set(cut) - {kept})] == ["deleted", "deleted"]
+    assert t2.log_trial("00002-b", config, {"score": 2.5, "fid": 2.5, "seconds": 0.1, "failed": 0})
+    runs = t.client.search_runs([t.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{t.parent_id}'")
+    assert sorted((r.data.tags[TRIAL_TAG], r.info.status) for r in runs) == [("00001-a", "FINISHED"),
+                                                                              ("00002-b", "FINISHED")]
+
+
 def test_callback_logs_in_its_own_thread_and_the_experiment_end_waits(tmp_path, monkeypatch):
     """Child runs are written by the logger thread, not by Tune's loop; ``on_experiment_end`` returns
     only when every completed trial is in MLflow (the driver's final sync must not race the thread)."""

@@ -228,22 +228,31 @@ class Tracker:
     # ---- children ---------------------------------------------------------------------------------
     def logged_trial_ids(self) -> set[str]:
         """Trial ids whose child run is complete. A child run still RUNNING was cut off mid-logging
-        (server outage, killed driver): it is remembered in ``_partial`` and replaced by ``log_trial``."""
+        (server outage, killed driver): it is remembered in ``_partial`` and replaced by ``log_trial``.
+        A RUNNING run of a trial that has a complete run (or a second RUNNING one) is a leftover of a
+        request the outage cut off and the logger then repeated: it is deleted here, so the UI lists
+        each trial once."""
         if self._logged is None:
-            logged, partial, token = set(), {}, None
+            logged, running, token = set(), [], None
             while True:
                 page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                                max_results=1000, page_token=token)
                 for r in page:
                     tid = r.data.tags.get(TRIAL_TAG)
                     if r.info.status == "RUNNING":
-                        partial[tid] = r.info.run_id
+                        running.append((tid, r.info.run_id))
                     else:
                         logged.add(tid)
                 token = page.token
                 if not token:
                     break
-            self._logged, self._partial = logged, {k: v for k, v in partial.items() if k not in logged}
+            partial = {}
+            for tid, run_id in running:
+                if tid in logged or tid in partial:
+                    self.client.delete_run(run_id)
+                else:
+                    partial[tid] = run_id
+            self._logged, self._partial = logged, partial
         return self._logged
 
     def log_trial(self, trial_id: str, config: dict, result: dict) -> bool:
