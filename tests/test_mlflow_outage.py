@@ -117,22 +117,30 @@ def test_callback_does_not_stall_on_a_dead_server(tmp_path, monkeypatch, capsys)
     assert restored.tracking_file == cb.tracking_file and restored._pending == {} and restored._tracker is None
 
 
-def test_partial_child_run_is_replaced_not_duplicated(tmp_path, monkeypatch, capsys):
-    """A child run cut off mid-logging (server killed between create_run and set_terminated) is still
-    RUNNING: the next log_trial replaces it, so the trial ends up in MLflow once, complete. And the
-    callback logs the trials it kept during an outage as soon as the store answers again."""
+def _sqlite_parent(tmp_path, experiment: str):
+    """An sqlite store with a parent run, and a trial config of a DPM-Solver++(2M) schedule."""
     from s3_ray.config import load_config
-    from s3_ray.tracking.mlflow_tracking import KIND_TAG, PARENT_TAG, TRIAL_TAG, Tracker
+    from s3_ray.tracking.mlflow_tracking import Tracker
     from s3_ray.usf.baselines import build_baseline
     from s3_ray.usf.noise import VPLinear
 
     uri, cfg = f"sqlite:///{tmp_path / 'm.db'}", load_config(ROOT / "search_spaces" / "smoke.yaml")
-    t = Tracker(uri, "partial", (tmp_path / "art").as_uri())
+    t = Tracker(uri, experiment, (tmp_path / "art").as_uri())
     t.start_parent(cfg.model_dump(mode="json"), "s3")
-    t.client.create_run(t.experiment_id, tags={PARENT_TAG: t.parent_id, TRIAL_TAG: "00001-x", KIND_TAG: "trial"})
     s = build_baseline("dpm_solver_pp_2m", VPLinear(), 4)
     config = {"schedule": s.to_json(), "schedule_hash": s.schedule_hash(), "source": "baseline", "nfe": 4, "stage": 0,
               "samples": 200, "seed": 0}
+    return uri, cfg, t, config
+
+
+def test_partial_child_run_is_replaced_not_duplicated(tmp_path, monkeypatch, capsys):
+    """A child run cut off mid-logging (server killed between create_run and set_terminated) is still
+    RUNNING: the next log_trial replaces it, so the trial ends up in MLflow once, complete. And the
+    callback logs the trials it kept during an outage as soon as the store answers again."""
+    from s3_ray.tracking.mlflow_tracking import KIND_TAG, PARENT_TAG, TRIAL_TAG, Tracker
+
+    uri, cfg, t, config = _sqlite_parent(tmp_path, "partial")
+    t.client.create_run(t.experiment_id, tags={PARENT_TAG: t.parent_id, TRIAL_TAG: "00001-x", KIND_TAG: "trial"})
     t2 = Tracker(uri, "partial", None)
     assert t2.start_parent(cfg.model_dump(mode="json"), "s3", resume_id=t.parent_id) == t.parent_id
     assert t2.logged_trial_ids() == set() and set(t2._partial) == {"00001-x"}
@@ -162,17 +170,9 @@ def test_leftover_running_runs_beside_a_complete_one_are_deleted(tmp_path):
     """A request repeated after an outage can leave a RUNNING child run next to the trial's complete
     one (or two RUNNING ones): the next scan deletes the leftovers, keeps the complete run, and keeps
     one RUNNING run per unlogged trial to replace."""
-    from s3_ray.config import load_config
     from s3_ray.tracking.mlflow_tracking import KIND_TAG, PARENT_TAG, TRIAL_TAG, Tracker
-    from s3_ray.usf.baselines import build_baseline
-    from s3_ray.usf.noise import VPLinear
 
-    uri, cfg = f"sqlite:///{tmp_path / 'm.db'}", load_config(ROOT / "search_spaces" / "smoke.yaml")
-    t = Tracker(uri, "leftover", (tmp_path / "art").as_uri())
-    t.start_parent(cfg.model_dump(mode="json"), "s3")
-    s = build_baseline("dpm_solver_pp_2m", VPLinear(), 4)
-    config = {"schedule": s.to_json(), "schedule_hash": s.schedule_hash(), "source": "baseline", "nfe": 4, "stage": 0,
-              "samples": 200, "seed": 0}
+    uri, cfg, t, config = _sqlite_parent(tmp_path, "leftover")
     assert t.log_trial("00001-a", config, {"score": 1.5, "fid": 1.5, "seconds": 0.1, "failed": 0})
     tags = {PARENT_TAG: t.parent_id, KIND_TAG: "trial"}
     stale = t.client.create_run(t.experiment_id, tags={**tags, TRIAL_TAG: "00001-a"}).info.run_id
