@@ -233,25 +233,16 @@ class Tracker:
         request the outage cut off and the logger then repeated: it is deleted here, so the UI lists
         each trial once."""
         if self._logged is None:
-            logged, running, token = set(), [], None
-            while True:
-                page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
-                                               max_results=1000, page_token=token)
-                for r in page:
-                    tid = r.data.tags.get(TRIAL_TAG)
-                    if r.info.status == "RUNNING":
-                        running.append((tid, r.info.run_id))
-                    else:
-                        logged.add(tid)
-                token = page.token
-                if not token:
-                    break
+            runs = [r for r in _all_runs(self.client, self.experiment_id, f"tags.`{PARENT_TAG}` = '{self.parent_id}'")
+                    if r.data.tags.get(TRIAL_TAG)]  # another child run of the parent is none of ours to judge
+            logged = {r.data.tags[TRIAL_TAG] for r in runs if r.info.status != "RUNNING"}
             partial = {}
-            for tid, run_id in running:
+            for r in (r for r in runs if r.info.status == "RUNNING"):
+                tid = r.data.tags[TRIAL_TAG]
                 if tid in logged or tid in partial:
-                    self.client.delete_run(run_id)
+                    self.client.delete_run(r.info.run_id)
                 else:
-                    partial[tid] = run_id
+                    partial[tid] = r.info.run_id
             self._logged, self._partial = logged, partial
         return self._logged
 
